@@ -1,0 +1,177 @@
+"""The `sammix` command: one subcommand per job. Heavy imports happen inside each job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sammix import __version__
+from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig, parse_window
+from sammix.errors import SammixError
+
+
+def _window(text: str):
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_prep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=_window, default=PrepConfig.window,
+                   help="HU window LEVEL,WIDTH (default 40,400); 'none' keeps 8-bit images as they are")
+    p.add_argument("--size", type=int, default=PrepConfig.size, help="model input side in pixels")
+    p.add_argument("--middle-fraction", type=float, default=PrepConfig.middle_fraction,
+                   help="keep the middle fraction of each volume's slices (paper: 0.3)")
+    p.add_argument("--organ", default=PrepConfig.organ, help="target organ (default liver)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="slice cache folder (default $SAMMIX_CACHE or ~/.cache/sammix)")
+
+
+def _prep_config(args) -> PrepConfig:
+    return PrepConfig(window=args.window, size=args.size, middle_fraction=args.middle_fraction,
+                      organ=args.organ)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sammix", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sammix {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="turn a dataset folder into a slice cache")
+    p.add_argument("data", type=Path, help="dataset folder (LiTS, MSD, TotalSegmentator, slice folder, NIfTI pairs)")
+    _add_prep_options(p)
+
+    p = sub.add_parser("train", help="train SAM-Mix on k labelled slices")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="dataset with masks (slice labels and the k labelled slices); repeatable")
+    p.add_argument("--cls-only-data", type=Path, action="append", default=[],
+                   help="dataset whose slices only train the classifier; repeatable")
+    p.add_argument("--labeled", type=int, default=TrainConfig.labeled, help="k labelled slices")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--backbone", default=ModelConfig.backbone,
+                   help="litemedsam (default) | sam_vit_b | sam_vit_l | sam_vit_h")
+    p.add_argument("--checkpoint", default=None, help="official SAM checkpoint for sam_vit_* backbones")
+    p.add_argument("--classifier", default=ModelConfig.classifier, help="efficientnet_lite0 | resnet38")
+    p.add_argument("--lora-rank", type=int, default=ModelConfig.lora_rank)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_prep_options(p)
+
+    p = sub.add_parser("evaluate", help="score a trained run on a dataset (MONAI metrics)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="METRICS.json")
+    p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
+    p.add_argument("--split", default="all", choices=["all", "test", "val", "train"],
+                   help="which cases of DATA to score: all, or a part of the run's own split")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
+    p.add_argument("inputs", type=Path, nargs="+", help="NIfTI/NRRD files, DICOM folders, 2D images, or folders of them")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--preview", action="store_true", help="also write an overlay montage PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-cleanup", action="store_true", help="skip 3D largest-component and hole filling")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("export", help="export a trained run (ONNX)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/onnx)")
+
+    p = sub.add_parser("experiment", help="the paper's grid: methods x k x seeds, with a report")
+    p.add_argument("--train-data", type=Path, action="append", required=True)
+    p.add_argument("--cls-only-data", type=Path, action="append", default=[])
+    p.add_argument("--test-data", type=str, action="append", default=[],
+                   help="NAME=DIR cross-domain test set; the held-out cases of --train-data are always scored")
+    p.add_argument("--methods", default="all", help="comma list, or 'all'")
+    p.add_argument("--k", default="5,50,100", help="comma list of labelled-slice counts")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--out", type=Path, required=True, help="experiment folder (finished runs are reused)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_prep_options(p)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on real CT (downloads a LiTS volume if needed)")
+    p.add_argument("--data", type=Path, default=None, help="use this dataset instead of the embedded default")
+    p.add_argument("--out", type=Path, default=Path("sammix-demo"), help="output folder")
+    p.add_argument("--epochs", type=int, default=None)
+    return parser
+
+
+def run(args) -> int:
+    if args.command == "prepare":
+        from sammix.data.cache import prepare_dataset
+
+        cache = prepare_dataset(args.data, _prep_config(args), cache_dir=args.cache_dir, progress=True)
+        print(cache.summary())
+        return 0
+    if args.command == "train":
+        from sammix.training.train import train
+
+        cfg = RunConfig(
+            prep=_prep_config(args),
+            model=ModelConfig(backbone=args.backbone, checkpoint=args.checkpoint,
+                              classifier=args.classifier, lora_rank=args.lora_rank),
+            train=TrainConfig(labeled=args.labeled, seed=args.seed, epochs=args.epochs,
+                              batch_size=args.batch_size, device=args.device),
+            data=[str(d) for d in args.data],
+            cls_only_data=[str(d) for d in args.cls_only_data],
+        )
+        train(cfg, args.out, cache_dir=args.cache_dir)
+        return 0
+    if args.command == "evaluate":
+        from sammix.evaluation.evaluate import evaluate_run
+
+        metrics = evaluate_run(args.run, args.data, args.out, window=args.window, split=args.split,
+                               device=args.device)
+        print(f"{metrics['n_slices']} slices: Dice {metrics['dice_mean']:.3f} +- {metrics['dice_std']:.3f}, "
+              f"HD95 {metrics['hd95_mean']:.1f} px -> {args.out}")
+        return 0
+    if args.command == "predict":
+        from sammix.inference.predict import predict_inputs
+
+        failures = predict_inputs(args.run, args.inputs, args.out, preview=args.preview,
+                                  overwrite=args.overwrite, cleanup=not args.no_cleanup,
+                                  batch_size=args.batch_size, window=args.window, device=args.device)
+        return 1 if failures else 0
+    if args.command == "export":
+        from sammix.inference.export import export_onnx
+
+        out = export_onnx(args.run, args.out)
+        print(f"exported to {out}")
+        return 0
+    if args.command == "experiment":
+        from sammix.evaluation.experiment import run_experiment
+
+        run_experiment(args)
+        return 0
+    if args.command == "demo":
+        from sammix.demo import run_demo
+
+        run_demo(data=args.data, out=args.out, epochs=args.epochs)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except SammixError as exc:
+        print(f"sammix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sammix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Every knob of a run in one typed config; saved as config.yaml in each run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class PrepConfig:
+    """How volumes become model-ready slices."""
+
+    window: tuple[float, float] | None = (40.0, 400.0)  # HU level, width; 8-bit images are used as they are
+    size: int = 256  # model input side (image bilinear, mask nearest)
+    middle_fraction: float = 1.0  # keep the middle fraction of each volume's slices (paper: 0.3)
+    organ: str = "liver"
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "litemedsam"  # litemedsam | sam_vit_b | sam_vit_l | sam_vit_h
+    checkpoint: str | None = None  # official SAM checkpoint for the sam_vit_* backbones
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    train_prompt_encoder: bool = False
+    classifier: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet38
+    classifier_weights: str | None = None
+    cam_layer: str | None = None  # None: the classifier's default layer
+    cam_threshold: float = 0.4
+    cls_threshold: float = 0.5  # slices scored below this are organ-free
+
+
+@dataclass
+class TrainConfig:
+    labeled: int = 50
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 4
+    lr_sam: float = 1e-4
+    lr_classifier: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    gt_box_jitter: float = 0.0  # fraction of SAM steps prompted with jittered ground-truth boxes
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: list[str] = field(default_factory=list)
+    cls_only_data: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        prep = raw.get("prep", {})
+        if prep.get("window") is not None:
+            prep["window"] = tuple(prep["window"])
+        return cls(
+            prep=PrepConfig(**prep),
+            model=ModelConfig(**raw.get("model", {})),
+            train=TrainConfig(**raw.get("train", {})),
+            data=raw.get("data", []),
+            cls_only_data=raw.get("cls_only_data", []),
+        )
+
+
+def parse_window(text: str) -> tuple[float, float] | None:
+    """'40,400' -> (40.0, 400.0); 'none' -> None (use 8-bit images as they are)."""
+    if text.strip().lower() in {"none", "off"}:
+        return None
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--window expects LEVEL,WIDTH (e.g. 40,400), got {text!r}") from None
+    if width <= 0:
+        raise ValueError(f"--window width must be positive, got {width}")
+    return level, width

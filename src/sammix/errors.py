@@ -1,0 +1,14 @@
+"""Errors meant for users: the CLI prints their message on one line, without a traceback."""
+
+
+class SammixError(Exception):
+    """A problem the user can fix (bad input, missing file, wrong option)."""
+
+
+class InputError(SammixError):
+    """A file or folder that cannot be used. The message names the path and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
