@@ -1,0 +1,1 @@
+"""Readers and writers with geometry kept, dataset layouts, preprocessing, slice cache, splits."""

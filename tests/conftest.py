@@ -1,0 +1,34 @@
+"""Shared fixtures: the real CT in ../shared/data (skipped when absent) and synthetic datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).absolute().parents[2] / "shared" / "data"  # ../shared/data from the repo root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repository (read-only real CT); skips the test when missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real CT data not found at {SHARED_DATA} (the shared data folder is absent)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A factory of small synthetic datasets, written once per (layout, options) per session."""
+    from sammix.data.synthetic import write_synthetic_dataset
+
+    made: dict = {}
+
+    def make(layout: str, n_cases: int = 3, **options) -> Path:
+        key = (layout, n_cases, tuple(sorted(options.items())))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"synth-{layout}")
+            made[key] = write_synthetic_dataset(root, layout, n_cases, **options)
+        return made[key]
+
+    return make
