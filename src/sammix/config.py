@@ -26,13 +26,15 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # TinyViT and ViT both
     train_prompt_encoder: bool = False
     classifier: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet38
     classifier_weights: str | None = None
     cam_layer: str | None = None  # None: the classifier's default layer
     cam_threshold: float = 0.4
+    mask_prompt: str = "soft"  # CAM as SAM's dense mask prompt: soft | blob | none (box only)
     cls_threshold: float = 0.5  # slices scored below this are organ-free
+    prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
 
 
 @dataclass
@@ -40,13 +42,19 @@ class TrainConfig:
     labeled: int = 50
     seed: int = 0
     epochs: int = 10
-    batch_size: int = 4
+    batch_size: int = 4  # SAM slices per step
+    cls_batch_size: int = 16
+    sam_samples_per_epoch: int = 32  # labelled slices are revisited (augmented) when k is smaller
     lr_sam: float = 1e-4
     lr_classifier: float = 1e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    split_seed: int = 0  # the case split stays fixed across seeds; seeds vary the k slices and init
+    val_max_slices: int = 32  # organ-present validation slices scored per epoch (CPU time)
     gt_box_jitter: float = 0.0  # fraction of SAM steps prompted with jittered ground-truth boxes
+    cam_align_weight: float = 1.0  # CAM-alignment loss on slices whose mask is known (the k, and crops)
+    crop_fraction: float = 0.3  # share of classifier samples that are crops of the k labelled slices
     device: str = "auto"
 
 

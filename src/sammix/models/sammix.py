@@ -1,0 +1,154 @@
+"""SAM-Mix: the slice classifier and the LoRA-tuned SAM joined.
+
+The classifier gates each slice (organ present or not); its GradCAM becomes a box and a dense
+mask prompt; SAM returns three candidate masks and the best-scored one is the answer.
+No human prompt is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sammix.config import ModelConfig, PrepConfig, RunConfig
+from sammix.errors import InputError
+from sammix.models.cam import CamPrompter
+from sammix.models.classifier import build_classifier
+from sammix.models.sam import (
+    base_weights_info,
+    build_sam,
+    load_trainable_state_dict,
+    trainable_state_dict,
+)
+
+CONFIG_FILE = "config.yaml"
+BEST_WEIGHTS = "best.pt"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda", "CUDA was asked for but torch sees no GPU")
+    return torch.device(name)
+
+
+class SamMix(nn.Module):
+    def __init__(self, model: ModelConfig | None = None, prep: PrepConfig | None = None):
+        super().__init__()
+        self.cfg = model or ModelConfig()
+        self.prep = prep or PrepConfig()
+        self.classifier = build_classifier(self.cfg)
+        self.sam = build_sam(self.cfg)
+        self.prompter = CamPrompter(self.classifier, self.cfg.cam_layer, self.cfg.cam_threshold,
+                                    mask_mode=self.cfg.mask_prompt)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sam.parameters()).device
+
+    # -- the two branches -------------------------------------------------------------------
+    def cam_prompts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """GradCAM of the classifier -> (cams (B,S,S), boxes (B,4), mask prompts (B,1,256,256)).
+
+        Prompts are inputs to SAM, not a path for its gradients: they are detached. With
+        `prompt: full_box` (the SAM-PP baselines) the box is the whole image and there is no mask."""
+        if self.cfg.prompt == "full_box":
+            b, _, h, w = x.shape
+            boxes = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0], device=x.device).repeat(b, 1)
+            return torch.ones(b, h, w, device=x.device), boxes, None
+        cams = self.prompter.cams(x)
+        boxes, mask_prompts = self.prompter.prompts(cams)
+        return cams, boxes.to(x.device), None if mask_prompts is None else mask_prompts.to(x.device)
+
+    def segment(self, x: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
+        """SAM with the given prompts -> (best mask logits (B,1,S,S), its score (B,))."""
+        logits, scores = self.sam(x, boxes, mask_prompts)
+        best = scores.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        return logits[rows, best].unsqueeze(1), scores[rows, best]
+
+    @torch.no_grad()
+    def predict_slices(self, x: torch.Tensor, gate: bool = True,
+                       boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Slices (B,1,S,S) in [0,1] -> masks (B,S,S) bool, probs, present, cams, boxes, scores.
+
+        One classifier pass gives both the gate and the CAM. Slices the classifier calls
+        organ-free skip SAM and get an empty mask (when `gate`; never with `prompt: full_box`).
+        Given `boxes` (B,4), SAM is prompted with them instead (the ground-truth-box oracle)."""
+        self.eval()
+        x = x.to(self.device)
+        b, _, s, _ = x.shape
+        out = {
+            "probs": torch.ones(b), "present": torch.ones(b, dtype=torch.bool),
+            "masks": torch.zeros(b, s, s, dtype=torch.bool), "cams": torch.zeros(b, s, s),
+            "boxes": torch.full((b, 4), float("nan")), "scores": torch.zeros(b),
+        }
+        mask_prompts = None
+        if boxes is not None:
+            boxes = boxes.to(x.device).float()
+        elif self.cfg.prompt == "full_box":
+            _, boxes, _ = self.cam_prompts(x)
+        else:
+            logits, cams = self.prompter.compute(x)
+            out["probs"] = torch.sigmoid(logits.float()).cpu()
+            out["cams"] = cams.float().cpu()
+            if gate:
+                out["present"] = out["probs"] >= self.cfg.cls_threshold
+            boxes, mask_prompts = self.prompter.prompts(cams)
+            boxes = boxes.to(x.device)
+            mask_prompts = None if mask_prompts is None else mask_prompts.to(x.device)
+        idx = out["present"].nonzero().flatten()
+        if len(idx):
+            sel = idx.to(x.device)
+            logits, scores = self.segment(x[sel], boxes[sel], None if mask_prompts is None else mask_prompts[sel])
+            out["masks"][idx] = (logits[:, 0] > 0).cpu()
+            out["boxes"][idx] = boxes[sel].float().cpu()
+            out["scores"][idx] = scores.float().cpu()
+        return out
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """One 2D slice in [0,1] (any size) -> uint8 mask of the same size."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 2:
+            raise ValueError(f"predict expects one 2D slice, got shape {image.shape}")
+        s = self.prep.size
+        x = torch.from_numpy(image)[None, None]
+        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        mask = self.predict_slices(x)["masks"][0].float()[None, None]
+        mask = F.interpolate(mask, size=image.shape, mode="nearest")
+        return mask[0, 0].numpy().astype(np.uint8)
+
+    # -- weights ----------------------------------------------------------------------------
+    def trained_state(self) -> dict:
+        """What training changed: the classifier and SAM's trained parts (LoRA + decoder)."""
+        return {
+            "classifier": self.classifier.state_dict(),
+            "sam": trainable_state_dict(self.sam),
+            "base_weights": base_weights_info(self.cfg),
+        }
+
+    def load_trained_state(self, state: dict, source: Path | str = "weights") -> None:
+        expected = base_weights_info(self.cfg)
+        if state.get("base_weights", {}).get("sha256") != expected.get("sha256"):
+            raise InputError(source, f"trained on other base weights ({state.get('base_weights')}), "
+                                     f"not {expected.get('file')}")
+        self.classifier.load_state_dict(state["classifier"])
+        load_trainable_state_dict(self.sam, state["sam"])
+
+    @classmethod
+    def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":
+        run = Path(run)
+        if not (run / CONFIG_FILE).is_file():
+            raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
+        if not (run / weights).is_file():
+            raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
+        cfg = RunConfig.load(run / CONFIG_FILE)
+        model = cls(cfg.model, cfg.prep)
+        state = torch.load(run / weights, map_location="cpu", weights_only=False)
+        model.load_trained_state(state.get("model", state), run / weights)
+        return model.to(resolve_device(device)).eval()

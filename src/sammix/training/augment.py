@@ -1,0 +1,39 @@
+"""Simple, anatomy-preserving augmentation for slices and their masks.
+
+No flips: the liver sits on the image's left in radiological view, and a flipped slice would
+teach the classifier and SAM an anatomy that does not exist."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine(x: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator,
+                  degrees: float = 10.0, scale: float = 0.1, shift: float = 0.06):
+    """Same small rotation / scale / shift for each image (B,1,S,S) and its mask (B,1,S,S)."""
+    b = x.shape[0]
+    u = torch.rand(b, 3, generator=generator) * 2 - 1
+    angle = u[:, 0] * math.radians(degrees)
+    zoom = 1 + u[:, 1] * scale
+    t = (torch.rand(b, 2, generator=generator) * 2 - 1) * shift * 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return x, masks
+
+
+def random_intensity(x: torch.Tensor, generator: torch.Generator, contrast: float = 0.15,
+                     brightness: float = 0.08, gamma: float = 0.2) -> torch.Tensor:
+    """Contrast, brightness and gamma jitter of images in [0,1] (scanner and window variation)."""
+    b = x.shape[0]
+    r = torch.rand(b, 3, generator=generator).to(x) * 2 - 1
+    c = (1 + r[:, 0] * contrast).view(b, 1, 1, 1)
+    br = (r[:, 1] * brightness).view(b, 1, 1, 1)
+    g = torch.exp(r[:, 2] * gamma).view(b, 1, 1, 1)
+    return ((x.clamp(0, 1) ** g) * c + br).clamp(0, 1)

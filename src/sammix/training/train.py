@@ -1,0 +1,302 @@
+"""`sammix train`: the classifier on every training slice, SAM on the k labelled ones, jointly.
+
+A run folder holds everything needed to trust and reuse the run: config.yaml (resolved),
+split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and validation per
+epoch), last.pt (resume point) and best.pt (best validation Dice; what `SamMix.load` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sammix.config import RunConfig
+from sammix.data.io import atomic_path
+from sammix.data.splits import sample_labeled, split_cases
+from sammix.errors import SammixError
+from sammix.models.cam import box_iou, mask_to_box
+from sammix.models.sammix import BEST_WEIGHTS, CONFIG_FILE, SamMix, resolve_device
+from sammix.training.augment import random_affine, random_intensity
+from sammix.models.classifier import classification_loss
+from sammix.training.losses import segmentation_loss
+from sammix.training.slices import SliceSet, load_sources
+
+LAST = "last.pt"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def save_atomic(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_json(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
+
+
+def _batches(indices: np.ndarray, size: int):
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1).to(device)
+
+
+def _prepare_run(cfg: RunConfig, out: Path) -> bool:
+    """Create the run folder or check that it holds this same config. True when resuming."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / CONFIG_FILE
+    if cfg_path.exists():
+        saved = RunConfig.load(cfg_path)
+        if asdict(saved) != asdict(cfg):
+            raise SammixError(f"{out}: this run folder holds a different config ({cfg_path}); "
+                              "use another --out, or delete it to start over")
+        return (out / LAST).exists()
+    with atomic_path(cfg_path) as tmp:
+        cfg.save(tmp)
+    return False
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out: Path, cache_dir: Path | None = None):
+        self.cfg, self.out = cfg, Path(out)
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.resuming = _prepare_run(cfg, self.out)
+        self.gen = seed_everything(t.seed)
+
+        self.data = load_sources(cfg.data, cfg.prep, cache_dir, masks=True)
+        self.cls_only = load_sources(cfg.cls_only_data, cfg.prep, cache_dir, masks=False) if cfg.cls_only_data else None
+        self.split = split_cases(sorted(set(self.data.case)), t.val_fraction, t.test_fraction, seed=t.split_seed)
+        train_idx = self.data.indices_for(self.split["train"])
+        self.val_idx = self.data.indices_for(self.split["val"])
+        self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
+        write_json(self.split, self.out / "split.json")
+        write_json([{"case": self.data.case[i], "slice": int(self.data.slice_index[i])} for i in self.labeled],
+                   self.out / "labeled.json")
+
+        # classifier pool: every training slice of --data + all --cls-only-data, with slice labels
+        # only; masks are known for the k labelled slices alone (the few-label setting)
+        self.cls_pool = self.data.subset(train_idx)
+        self.cls_pool.has_mask = np.isin(train_idx, self.labeled)
+        if self.cls_only is not None:
+            self.cls_pool = self.cls_pool.concat(self.cls_only)
+        self.rng = np.random.default_rng(t.seed)
+        self.model = SamMix(cfg.model, cfg.prep).to(self.device)
+        self.opt_cls = torch.optim.AdamW(self.model.classifier.parameters(), lr=t.lr_classifier,
+                                         weight_decay=t.weight_decay)
+        self.opt_sam = torch.optim.AdamW([p for p in self.model.sam.parameters() if p.requires_grad],
+                                         lr=t.lr_sam, weight_decay=t.weight_decay)
+        self.cls_steps = -(-len(self.cls_pool) // t.cls_batch_size)
+        self.sched_cls = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt_cls, max_lr=t.lr_classifier, total_steps=self.cls_steps * t.epochs, pct_start=0.15)
+        self.seg_loss = segmentation_loss()
+        self.amp = self.device.type == "cuda"
+        self.epoch, self.best = 0, -1.0
+        if self.resuming:
+            self._load_last()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save_last(self) -> None:
+        save_atomic({
+            "epoch": self.epoch, "best": self.best, "model": self.model.trained_state(),
+            "opt_cls": self.opt_cls.state_dict(), "opt_sam": self.opt_sam.state_dict(),
+            "sched_cls": self.sched_cls.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(), "np": self.rng.bit_generator.state,
+                    "numpy": np.random.get_state(), "python": random.getstate()},
+        }, self.out / LAST)
+
+    def _load_last(self) -> None:
+        state = torch.load(self.out / LAST, map_location="cpu", weights_only=False)
+        self.model.load_trained_state(state["model"], self.out / LAST)
+        self.opt_cls.load_state_dict(state["opt_cls"])
+        self.opt_sam.load_state_dict(state["opt_sam"])
+        self.sched_cls.load_state_dict(state["sched_cls"])
+        self.rng.bit_generator.state = state["rng"]["np"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.gen.set_state(state["rng"]["gen"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.epoch, self.best = state["epoch"], state["best"]
+
+    # -- one epoch of each branch -----------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _crop(self, i: int, want_organ: bool):
+        """A crop of labelled slice `i` (the slice zeroed outside a random rectangle, scale kept)
+        that holds the organ or holds none of it; None if no such crop turns up.
+
+        Crops of the same scans with and without the organ are the negatives that force the
+        classifier to look at the organ rather than at which scanner a slice came from."""
+        image, mask = self.data.images[i], self.data.masks[i] > 0
+        s = mask.shape[0]
+        for _ in range(60):
+            area, aspect = self.rng.uniform(0.15, 0.7), np.exp(self.rng.uniform(-0.7, 0.7))
+            h = int(np.clip(s * np.sqrt(area * aspect), 24, s))
+            w = int(np.clip(s * np.sqrt(area / aspect), 24, s))
+            y, x = self.rng.integers(0, s - h + 1), self.rng.integers(0, s - w + 1)
+            keep = np.zeros_like(mask)
+            keep[y:y + h, x:x + w] = True
+            inside = int((mask & keep).sum())
+            if (want_organ and inside >= max(80 * (s / 256) ** 2, 0.3 * mask.sum())) or (not want_organ and inside == 0):
+                return image * keep, mask & keep
+        return None
+
+    def _classifier_sample(self, positive: bool, groups: dict):
+        """One (image, mask or None, label) for the classifier: a crop of a labelled slice
+        (`crop_fraction` of positives, half of the negatives), else a whole pool slice drawn
+        evenly over sources."""
+        t = self.cfg.train
+        crop_share = t.crop_fraction if positive else 0.5
+        if not groups[positive] or self.rng.random() < crop_share:
+            crop = self._crop(int(self.rng.choice(self.labeled)), positive)
+            if crop is not None:
+                return crop[0], crop[1], float(positive)
+        sources = groups[positive]
+        if not sources:  # e.g. no organ-free slice anywhere and no crop found: take a positive
+            return self._classifier_sample(True, groups)
+        members = sources[int(self.rng.integers(len(sources)))]
+        j = int(members[self.rng.integers(len(members))])
+        pool = self.cls_pool
+        return pool.images[j], (pool.masks[j] > 0 if pool.has_mask[j] else None), float(pool.labels[j])
+
+    def classifier_epoch(self, bar) -> float:
+        """Focal loss on the slice label + CAM alignment: where a mask is known, the classifier's
+        logit map is pushed towards the organ's footprint (BCE against the pooled mask)."""
+        pool, t = self.cls_pool, self.cfg.train
+        groups = {y: [g for g in (np.flatnonzero((pool.source == s) & (pool.labels == y))
+                                  for s in np.unique(pool.source)) if len(g)] for y in (True, False)}
+        losses = []
+        self.model.classifier.train()
+        for _ in range(self.cls_steps):
+            samples = [self._classifier_sample(n % 2 == 0, groups) for n in range(t.cls_batch_size)]
+            x = _to_tensor(np.stack([s[0] for s in samples]), self.device)
+            m = torch.from_numpy(np.stack([s[1] if s[1] is not None else np.zeros(x.shape[-2:], bool)
+                                           for s in samples])).float().unsqueeze(1).to(self.device)
+            known = torch.tensor([s[1] is not None for s in samples], device=self.device)
+            y = torch.tensor([s[2] for s in samples], device=self.device)
+            x, m = random_affine(x, m, self.gen)
+            x = random_intensity(x, self.gen)
+            with self._autocast():
+                z = self.model.classifier.logit_map(x).float()
+            loss = classification_loss(z.mean(dim=(1, 2)), y)
+            if known.any() and t.cam_align_weight > 0:
+                target = (F.adaptive_avg_pool2d(m, z.shape[-2:])[:, 0] > 0.3).float()
+                loss = loss + t.cam_align_weight * F.binary_cross_entropy_with_logits(z[known], target[known])
+            self.opt_cls.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_cls.step()
+            self.sched_cls.step()
+            losses.append(loss.item())
+            bar.update(len(samples))
+        return float(np.mean(losses))
+
+    def sam_epoch(self, bar) -> float:
+        t = self.cfg.train
+        n = max(len(self.labeled), t.sam_samples_per_epoch)
+        order = self.labeled[torch.randperm(n, generator=self.gen).numpy() % len(self.labeled)]
+        losses = []
+        self.model.sam.train()
+        for idx in _batches(order, t.batch_size):
+            x = _to_tensor(self.data.images[idx], self.device)
+            m = torch.from_numpy(self.data.masks[idx]).float().unsqueeze(1).to(self.device)
+            x, m = random_affine(x, m, self.gen)
+            x = random_intensity(x, self.gen)
+            _, boxes, mask_prompts = self.model.cam_prompts(x)
+            with self._autocast():
+                logits, scores = self.model.sam(x, boxes, mask_prompts)
+            logits, scores = logits.float(), scores.float()
+            # train the best-scored mask (what inference will pick) and the score head
+            best = scores.argmax(1)
+            chosen = logits[torch.arange(len(best)), best].unsqueeze(1)
+            with torch.no_grad():
+                hard = (logits > 0).float()
+                inter = (hard * m).sum((2, 3))
+                iou = inter / ((hard + m).clamp(max=1).sum((2, 3)) + 1e-6)
+            loss = self.seg_loss(chosen, m) + torch.nn.functional.mse_loss(scores, iou)
+            self.opt_sam.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_sam.step()
+            losses.append(loss.item())
+            bar.update(len(idx))
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Classifier accuracy on every validation slice; Dice and CAM-box IoU on (at most
+        `val_max_slices`) organ-present validation slices."""
+        t = self.cfg.train
+        if len(self.val_idx) == 0:
+            return {}
+        correct, dices, ious = 0, [], []
+        present = [i for i in self.val_idx if self.data.labels[i] and self.data.has_mask[i]]
+        keep = set(present[:: max(1, len(present) // t.val_max_slices)][: t.val_max_slices])
+        for idx in _batches(self.val_idx, t.batch_size * 2):
+            x = _to_tensor(self.data.images[idx], self.device)
+            seg = [j for j, i in enumerate(idx) if i in keep]
+            probs = torch.sigmoid(self.model.classifier.eval()(x)).float().cpu().numpy()
+            correct += int(((probs >= self.cfg.model.cls_threshold) == self.data.labels[idx].astype(bool)).sum())
+            if not seg:
+                continue
+            out = self.model.predict_slices(x[seg])
+            for j, i in enumerate(idx[seg]):
+                gt = self.data.masks[i] > 0
+                pred = out["masks"][j].numpy()
+                dices.append(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
+                if out["present"][j]:
+                    ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)))
+                else:
+                    ious.append(0.0)
+        return {"val_cls_accuracy": correct / len(self.val_idx), "val_dice": float(np.mean(dices)),
+                "val_cam_box_iou": float(np.mean(ious)), "val_slices_scored": len(dices)}
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        if self.epoch >= t.epochs:
+            print(f"{self.out}: already trained for {self.epoch} epochs (best val Dice {self.best:.3f})")
+            return {"best_val_dice": self.best}
+        if self.resuming:
+            print(f"resuming {self.out} after epoch {self.epoch}")
+        per_epoch = self.cls_steps * t.cls_batch_size + max(len(self.labeled), t.sam_samples_per_epoch)
+        for epoch in range(self.epoch + 1, t.epochs + 1):
+            start = time.time()
+            with tqdm(total=per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="slice", leave=False) as bar:
+                # the SAM-PP baselines prompt with the whole image: no classifier to train
+                cls_loss = self.classifier_epoch(bar) if self.cfg.model.prompt == "cam" else float("nan")
+                sam_loss = self.sam_epoch(bar)
+            val = self.validate()
+            self.epoch = epoch
+            row = {"epoch": epoch, "cls_loss": cls_loss, "sam_loss": sam_loss, **val,
+                   "seconds": round(time.time() - start, 1)}
+            score = val.get("val_dice", -sam_loss)
+            if score > self.best:
+                self.best = score
+                save_atomic({"model": self.model.trained_state(), "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
+                row["best"] = True
+            self._save_last()
+            with open(self.out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print(f"run folder: {self.out} (best val Dice {self.best:.3f})")
+        return {"best_val_dice": self.best}
+
+
+def train(cfg: RunConfig, out: Path, cache_dir: Path | None = None) -> dict:
+    return Trainer(cfg, Path(out), cache_dir).fit()

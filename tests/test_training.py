@@ -1,0 +1,126 @@
+"""SAM-Mix training and evaluation end to end on generated CT, with the real pretrained models.
+
+Tiny settings (64-pixel slices, 2 labelled slices, 2 epochs of one SAM step) keep each run to
+seconds; the numbers that matter come from the documented runs in docs/results.md."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sammix.cli import main
+from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig
+from sammix.errors import SammixError
+from sammix.models.sammix import SamMix
+from sammix.training import train as train_module
+from sammix.training.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(data, epochs=2) -> RunConfig:
+    return RunConfig(
+        prep=PrepConfig(size=64),
+        model=ModelConfig(),
+        train=TrainConfig(labeled=2, epochs=epochs, batch_size=2, cls_batch_size=8, sam_samples_per_epoch=2,
+                          val_max_slices=2, val_fraction=0.25, test_fraction=0.25),
+        data=[str(data)],
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from sammix.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), "lits", n_cases=4, slice_step=1)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    run = tmp_path_factory.mktemp("runs") / "run"
+    train(tiny_config(dataset), run, cache_dir=cache)
+    return run, cache
+
+
+def test_run_folder_records_everything(trained):
+    run, _ = trained
+    for name in ["config.yaml", "split.json", "labeled.json", "log.jsonl", "best.pt", "last.pt"]:
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    parts = [set(split[p]) for p in ("train", "val", "test")]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    labeled = json.loads((run / "labeled.json").read_text())
+    assert len(labeled) == 2 and all(row["case"] in parts[0] for row in labeled)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert all(np.isfinite(row["cls_loss"]) and np.isfinite(row["sam_loss"]) for row in log)
+    assert all(0 <= row["val_dice"] <= 1 and 0 <= row["val_cls_accuracy"] <= 1 for row in log)
+
+
+def test_only_trained_parts_are_saved_and_base_weights_recorded(trained):
+    run, _ = trained
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"]
+    assert state["base_weights"]["backbone"] == "litemedsam" and len(state["base_weights"]["sha256"]) == 64
+    assert any(".lora_" in k for k in state["sam"]) and any("mask_decoder" in k for k in state["sam"])
+    assert not any("image_encoder" in k and ".lora_" not in k for k in state["sam"])  # frozen base not saved
+
+
+def test_evaluate_writes_the_metrics_contract(trained, dataset, tmp_path):
+    run, cache = trained
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--run", str(run), "--data", str(dataset), "--out", str(out), "--split", "test"]) == 0
+    metrics = json.loads(out.read_text())
+    for key in ["n_slices", "dice_mean", "dice_std", "hd_mean", "hd95_mean", "hd_mm_mean", "hd95_mm_mean",
+                "nsd_mean", "cls_accuracy", "cam_box_iou_mean", "per_slice", "dice3d_per_case"]:
+        assert key in metrics, key
+    test_cases = set(json.loads((run / "split.json").read_text())["test"])
+    assert metrics["n_slices"] == len(metrics["per_slice"]) > 0
+    assert {row["case"] for row in metrics["per_slice"]} <= test_cases
+    assert all({"case", "slice", "dice", "hd95"} <= set(row) for row in metrics["per_slice"])
+    assert 0 <= metrics["dice_mean"] <= 1 and 0 <= metrics["cls_accuracy"] <= 1
+
+
+def test_python_api_predicts_a_slice_of_any_size(trained):
+    run, _ = trained
+    model = SamMix.load(run, device="cpu")
+    mask = model.predict(np.random.default_rng(0).random((100, 80), dtype=np.float32))
+    assert mask.shape == (100, 80) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+
+
+def test_interrupted_training_resumes_to_the_same_weights(trained, dataset, tmp_path, monkeypatch):
+    """Seeded CPU runs are reproducible, and a run stopped after epoch 1 and started again ends
+    with exactly the weights of the uninterrupted run."""
+    reference, cache = trained
+    calls = {"n": 0}
+    original = train_module.Trainer.sam_epoch
+
+    def stop_in_epoch_two(self, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, bar)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module.Trainer, "sam_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(dataset), run, cache_dir=cache)
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(train_module.Trainer, "sam_epoch", original)
+    train(tiny_config(dataset), run, cache_dir=cache)
+
+    ours = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
+    ref = torch.load(reference / "last.pt", map_location="cpu", weights_only=False)["model"]
+    for part in ("classifier", "sam"):
+        assert ours[part].keys() == ref[part].keys()
+        for key in ref[part]:
+            assert torch.equal(ours[part][key], ref[part][key]), f"{part}.{key} differs"
+
+
+def test_a_run_folder_with_another_config_is_refused(trained, dataset):
+    run, cache = trained
+    with pytest.raises(SammixError, match="different config"):
+        train(tiny_config(dataset, epochs=3), run, cache_dir=cache)
