@@ -32,7 +32,7 @@ class ModelConfig:
     classifier_weights: str | None = None
     cam_layer: str | None = None  # None: the classifier's default layer
     cam_threshold: float = 0.4
-    mask_prompt: str = "soft"  # CAM as SAM's dense mask prompt: soft | blob | none (box only)
+    mask_prompt: str = "none"  # CAM as SAM's dense mask prompt too: soft | blob | none (box only; see docs/results.md)
     cls_threshold: float = 0.5  # slices scored below this are organ-free
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
 

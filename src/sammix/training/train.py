@@ -225,7 +225,7 @@ class Trainer:
             logits, scores = logits.float(), scores.float()
             # train the best-scored mask (what inference will pick) and the score head
             best = scores.argmax(1)
-            chosen = logits[torch.arange(len(best)), best].unsqueeze(1)
+            chosen = logits[torch.arange(len(best), device=best.device), best].unsqueeze(1)
             with torch.no_grad():
                 hard = (logits > 0).float()
                 inter = (hard * m).sum((2, 3))
