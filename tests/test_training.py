@@ -35,7 +35,7 @@ def tiny_config(data, epochs=2) -> RunConfig:
 def dataset(tmp_path_factory):
     from sammix.data.synthetic import write_synthetic_dataset
 
-    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), "lits", n_cases=4, slice_step=1)
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), "lits", n_cases=4, shape=(64, 64, 24))
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +124,14 @@ def test_a_run_folder_with_another_config_is_refused(trained, dataset):
     run, cache = trained
     with pytest.raises(SammixError, match="different config"):
         train(tiny_config(dataset, epochs=3), run, cache_dir=cache)
+
+
+def test_a_single_case_run_without_validation_still_keeps_best_weights(tmp_path):
+    """One volume (the demo's case): no validation cases, so the lowest SAM loss picks best.pt."""
+    from sammix.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "one", "lits", n_cases=1, shape=(64, 64, 16))
+    cfg = tiny_config(data, epochs=1)
+    train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["val"] == []
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -108,7 +108,7 @@ class Trainer:
             self.opt_cls, max_lr=t.lr_classifier, total_steps=self.cls_steps * t.epochs, pct_start=0.15)
         self.seg_loss = segmentation_loss()
         self.amp = self.device.type == "cuda"
-        self.epoch, self.best = 0, -1.0
+        self.epoch, self.best = 0, float("-inf")  # a run without validation cases keeps the lowest SAM loss
         if self.resuming:
             self._load_last()
 
