@@ -1,0 +1,200 @@
+"""A SamMix prepared for fast inference: the answers of `SamMix.predict_slices`, less work.
+
+* organ-free slices (classifier below `cls_threshold`) skip SAM, as in `predict_slices`;
+* the GradCAM comes in closed form, without a backward pass (`export.closed_form_cam`), wherever
+  the classifier's logit is a spatial mean of a linear map of the CAM layer (both built-in
+  classifiers; checked against autograd when the engine is made, autograd otherwise);
+* the image encoder is a private copy with the LoRA matrices merged into its weights and every
+  Conv2d + BatchNorm2d pair folded into one convolution (exact up to float rounding), in
+  channels-last layout, under `torch.inference_mode`, several slices per call;
+* `precision="bf16"`: the encoder under bf16 autocast (prompt encoder and decoder stay fp32);
+  faster than fp32 PyTorch here but not exact, so not the default (docs/performance.md);
+* `backend="onnx"`: classifier + CAM, encoder and decoder through ONNX Runtime, from
+  `export.export_model`: fp32, the same numbers, and the fastest on a CPU (docs/performance.md).
+
+The model passed in is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("torch", "onnx")
+
+
+def fuse_conv_bn(module: nn.Module) -> int:
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d inside an nn.Sequential into
+    the convolution (in place). Returns the number of pairs fused."""
+    fused = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+                fused += 1
+    return fused
+
+
+def inference_encoder(model) -> nn.Module:
+    """A copy of the SAM image encoder for inference: LoRA merged, Conv+BN fused, eval, no grad."""
+    from peft.tuners.lora import LoraModel
+
+    enc = copy.deepcopy(model.sam.sam.image_encoder).eval()
+    if isinstance(enc, LoraModel):
+        enc = enc.merge_and_unload()
+    fuse_conv_bn(enc)
+    enc.requires_grad_(False)
+    return enc
+
+
+class Engine:
+    """`predict_slices` for whole volumes: batches in, prompts and best-mask logits out.
+
+    backend "torch": PyTorch, `precision` "fp32" (the reference), "bf16" (encoder under bf16
+    autocast) or "auto" (fp32: see docs/performance.md for why bf16 is not the default);
+    backend "onnx": ONNX Runtime on the CPU with the graphs in folder `onnx_dir` (export.py)."""
+
+    def __init__(self, model, precision: str = "auto", backend: str = "torch", onnx_dir: Path | None = None,
+                 channels_last: bool = True):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.model = model.eval()
+        self.device = model.device
+        self.size = int(model.prep.size)
+        self.precision = "fp32" if precision == "auto" else precision
+        self.backend = backend
+        self.times: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
+        self.full_box = getattr(model.cfg, "prompt", "cam") == "full_box"  # SAM-PP baselines: no classifier
+        if backend == "onnx":
+            from sammix.inference.export import FILES, onnx_session
+
+            if self.device.type != "cpu" or self.precision != "fp32":
+                raise ValueError("the ONNX Runtime backend runs fp32 on the CPU")
+            if onnx_dir is None:
+                raise ValueError("backend 'onnx' needs onnx_dir (a folder written by export_model)")
+            self.onnx_dir = Path(onnx_dir)
+            self.sessions = {k: onnx_session(self.onnx_dir / f) for k, f in FILES.items()}
+            self.decoder_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
+        else:
+            from sammix.inference.export import closed_form_cam
+
+            self.cam_net = None if self.full_box else closed_form_cam(model)
+            self.channels_last = channels_last
+            self.encoder = inference_encoder(model).to(self.device)
+            if channels_last:
+                self.encoder = self.encoder.to(memory_format=torch.channels_last)
+
+    def describe(self) -> str:
+        if self.backend == "onnx":
+            return "onnxruntime fp32 (classifier with closed-form CAM, encoder, decoder)"
+        cam = "whole-image box" if self.full_box else (
+            "closed-form GradCAM" if self.cam_net is not None else "autograd GradCAM")
+        return f"torch {self.precision} encoder on {self.device.type}, {cam}"
+
+    # -- stages ---------------------------------------------------------------------------------
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices (B,1,S,S) -> organ probabilities (B,) and normalised CAMs (B,S,S), one pass."""
+        start = time.perf_counter()
+        if self.backend == "onnx":
+            logits, cams = (torch.from_numpy(a) for a in self.sessions["classifier"].run(None, {"slices": x.numpy()}))
+        elif self.cam_net is not None:
+            with torch.inference_mode():
+                logits, cams = self.cam_net(x.to(self.device))
+        else:
+            logits, cams = self.model.prompter.compute(x.to(self.device))
+        self.times["classify_cam"] += time.perf_counter() - start
+        return torch.sigmoid(logits.float()).cpu(), cams.float().cpu()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices (B,1,S,S) in [0,1] -> SAM image embeddings (B,256,64,64) fp32."""
+        start = time.perf_counter()
+        if self.backend == "onnx":
+            session, arr = self.sessions["encoder"], x.contiguous().numpy()
+            emb = torch.from_numpy(np.concatenate([session.run(None, {"slices": arr[i:i + 1]})[0]
+                                                   for i in range(len(arr))]))
+        else:
+            with torch.inference_mode():
+                inp = self.model.sam.preprocess(x.to(self.device))
+                if self.channels_last:
+                    inp = inp.contiguous(memory_format=torch.channels_last)
+                if self.precision == "bf16":
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                        emb = self.encoder(inp)
+                else:
+                    emb = self.encoder(inp)
+                emb = emb.float().contiguous()
+        self.times["sam_encoder"] += time.perf_counter() - start
+        return emb
+
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
+        """Embeddings + prompts -> the best of SAM's three masks: logits (B,S,S) fp32, scores (B,)."""
+        start = time.perf_counter()
+        if self.backend == "onnx":
+            session, parts = self.sessions["decoder"], []
+            if (mask_prompts is not None) != ("mask_prompt" in self.decoder_inputs):
+                raise ValueError(f"the ONNX decoder in {self.onnx_dir} takes {self.decoder_inputs}")
+            for i in range(len(emb)):
+                feeds = {"embeddings": emb[i:i + 1].numpy(), "box": boxes[i:i + 1].float().numpy()}
+                if mask_prompts is not None:
+                    feeds["mask_prompt"] = mask_prompts[i:i + 1].float().numpy()
+                parts.append(session.run(None, feeds))
+            logits = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+            scores = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        else:
+            with torch.inference_mode():
+                prompts = None if mask_prompts is None else mask_prompts.to(self.device)
+                logits, scores = self.model.sam.decode(emb.to(self.device), boxes.to(self.device), prompts,
+                                                       multimask=True, size=self.size)
+        best = scores.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        logits, scores = logits[rows, best].float().cpu(), scores[rows, best].float().cpu()
+        self.times["sam_decoder"] += time.perf_counter() - start
+        return logits, scores
+
+    # -- all together ---------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, gate: bool = True) -> dict[str, torch.Tensor]:
+        """Like `SamMix.predict_slices`, but SAM's best-mask *logits* (for resizing before the
+        threshold) of the present slices only: {"probs", "present" (B,), "index" (P,) of the
+        present slices, "logits" (P,S,S), "boxes" (P,4), "scores" (P,)}."""
+        x = x.float().contiguous()
+        b = len(x)
+        if self.full_box:  # as SamMix.predict_slices with prompt "full_box": every slice, whole-image box
+            probs, present = torch.ones(b), torch.ones(b, dtype=torch.bool)
+        else:
+            probs, cams = self.classify(x)
+            present = probs >= self.model.cfg.cls_threshold if gate else torch.ones_like(probs, dtype=torch.bool)
+        index = present.nonzero().flatten()
+        out = {"probs": probs, "present": present, "index": index,
+               "logits": torch.zeros(0, self.size, self.size), "boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}
+        if len(index):
+            start = time.perf_counter()
+            if self.full_box:
+                boxes = torch.tensor([0.0, 0.0, self.size - 1.0, self.size - 1.0]).repeat(len(index), 1)
+                mask_prompts = None
+            else:
+                boxes, mask_prompts = self.model.prompter.prompts(cams[index])
+            self.times["prompts"] += time.perf_counter() - start
+            emb = self.encode(x[index])
+            out["logits"], out["scores"] = self.decode(emb, boxes, mask_prompts)
+            out["boxes"] = boxes
+        return out
+
+    def predict_masks(self, x: torch.Tensor, gate: bool = True) -> np.ndarray:
+        """(B,1,S,S) -> bool masks (B,S,S), the same answer as `SamMix.predict_slices(x)["masks"]`."""
+        out = self.predict(x, gate)
+        masks = np.zeros((x.shape[0], self.size, self.size), dtype=bool)
+        masks[out["index"].numpy()] = (out["logits"] > 0).numpy()
+        return masks

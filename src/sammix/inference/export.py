@@ -1,0 +1,342 @@
+"""ONNX export of a trained run: classifier (+ its CAM), image encoder (LoRA merged), prompt
+encoder + mask decoder. Each graph is checked against PyTorch (max abs difference) when written.
+
+Files in the output folder:
+
+* ``classifier.onnx``: slices (B,1,S,S) in [0,1] -> logits (B,), cams (B,S,S) in [0,1]. The CAM
+  is the classifier's GradCAM; its logit is the spatial mean of a linear map of the CAM layer, so
+  the gradient is the same everywhere and for every input, and the CAM is written in closed form
+  (`linear_cam_weights`, `ClassifierWithCam`): no backward pass.
+* ``encoder.onnx``: one slice (1,1,S,S) in [0,1] -> embeddings (1,256,64,64).
+* ``decoder.onnx``: embeddings (1,256,64,64), box (1,4) xyxy in S-pixel coordinates, mask_prompt
+  (1,1,256,256) logits (absent when the run's mask_prompt is "none") -> masks (1,3,S,S) logits,
+  scores (1,3) predicted IoU. One slice per call.
+* ``export.json``: the settings a consumer needs (S, window, thresholds) and the checks.
+
+Boxes and mask prompts come from the CAM as in `sammix.models.cam.CamPrompter.prompts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sammix import __version__
+from sammix.errors import SammixError
+
+OPSET = 17
+FORMAT = "sammix-onnx/1"
+FILES = {"classifier": "classifier.onnx", "encoder": "encoder.onnx", "decoder": "decoder.onnx"}
+TOLERANCE = {"classifier": 1e-3, "encoder": 1e-3, "decoder": 1e-2}  # max abs diff allowed at export
+
+
+# ---------------------------------------------------------------------------------------------
+# the exported modules
+
+
+def _layer_grad(model, x: torch.Tensor) -> torch.Tensor:
+    """d(sum of logits) / d(CAM layer output), as `CamPrompter.compute` takes it (eval mode)."""
+    clf, store = model.classifier, {}
+
+    def hook(_module, _inp, out):
+        store["act"] = out.detach().requires_grad_(True)
+        return store["act"]
+
+    handle = model.prompter.module.register_forward_hook(hook)
+    was_training = clf.training
+    try:
+        clf.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            (grad,) = torch.autograd.grad(clf(x).sum(), store["act"])
+    finally:
+        handle.remove()
+        clf.train(was_training)
+    return grad
+
+
+def linear_cam_weights(model) -> torch.Tensor | None:
+    """Per-channel weights w (C,) when the logit is the spatial mean of a linear 1x1 map of the
+    CAM layer's output A (logit = mean_ij sum_c w_c A_cij + b, e.g. a 1x1-conv logit map or a
+    linear head on global average pooling). Then d logit / dA_cij = w_c / (h w) for every input,
+    GradCAM's weights are w / (h w) and the CAM is relu(sum_c w_c A_c) / (h w): no backward pass
+    needed. None when the gradient is not spatially constant and input-independent."""
+    grads = []
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        grads.append(_layer_grad(model, torch.rand(2, 1, 64, 64, generator=gen).to(model.device)))
+    grad = torch.cat(grads)
+    h, w = grad.shape[-2:]
+    weights = grad[0].sum(dim=(1, 2))  # w_c: each location holds w_c / (h w)
+    expected = (weights / (h * w)).view(1, -1, 1, 1).expand_as(grad)
+    scale = float(expected.abs().max()) or 1.0
+    if not torch.allclose(grad, expected, rtol=1e-4, atol=1e-5 * scale):
+        return None
+    return weights.detach().float()
+
+
+class ClassifierWithCam(nn.Module):
+    """A SliceClassifier -> (logits (B,), GradCAM (B,S,S) normalised to [0,1]) in one forward,
+    using `linear_cam_weights`; the same numbers as `CamPrompter.compute` (autograd)."""
+
+    def __init__(self, classifier, layer: str, weights: torch.Tensor):
+        super().__init__()
+        self.classifier = classifier
+        self.layer = layer
+        self.register_buffer("weights", weights.view(1, -1, 1, 1).clone())
+
+    def forward(self, x):
+        store = {}
+        module = dict(self.classifier.named_modules())[self.layer]
+        handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
+        try:
+            logits = self.classifier(x)
+        finally:
+            handle.remove()
+        act = store["act"]
+        h, w = act.shape[-2:]
+        cam = F.relu((self.weights / (h * w) * act).sum(dim=1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+        lo = cam.amin(dim=(1, 2), keepdim=True)
+        span = cam.amax(dim=(1, 2), keepdim=True) - lo
+        cam = torch.where(span > 1e-12, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
+        return logits, cam
+
+
+def closed_form_cam(model) -> ClassifierWithCam | None:
+    """`ClassifierWithCam` for this model's classifier and CAM layer, checked against
+    `CamPrompter.compute` on a small input; None where the closed form does not hold."""
+    weights = linear_cam_weights(model)
+    if weights is None:
+        return None
+    net = ClassifierWithCam(model.classifier, model.prompter.layer, weights.to(model.device)).eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2)).to(model.device)
+    ref_logits, ref_cams = model.prompter.compute(x)
+    with torch.no_grad():
+        logits, cams = net(x)
+    ok = torch.allclose(logits, ref_logits, atol=1e-4) and torch.allclose(cams, ref_cams, atol=1e-4)
+    return net if ok else None
+
+
+class EncoderForExport(nn.Module):
+    """Slices (B,1,S,S) in [0,1] -> SAM image embeddings, preprocessing included."""
+
+    def __init__(self, backbone, encoder):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder(self.backbone.preprocess(x))
+
+
+class DecoderForExport(nn.Module):
+    """One slice's embedding + box + mask prompt -> SAM's three mask logits and their scores."""
+
+    def __init__(self, backbone, size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.size = size
+
+    def forward(self, embeddings, box, mask_prompt=None):
+        return self.backbone.decode(embeddings, box, mask_prompt, multimask=True, size=self.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+_ARENA = []
+
+
+def _shared_arena(ort) -> None:
+    if not _ARENA:  # grows by what is asked for (not in powers of two), shared by every session
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        _ARENA.append(info)
+
+
+def onnx_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No pre-planned block for all intermediates: -280 MB peak for the encoder, same speed here
+    # (measured; switching the arena off instead cost 20 % speed).
+    opts.enable_mem_pattern = False
+    _shared_arena(ort)
+    opts.add_session_config_entry("session.use_env_allocators", "1")  # one arena for all sessions
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def model_key(model) -> str:
+    """sha256 of what decides the exported graphs: the trained tensors, the base weights, the
+    architecture settings, S and the versions (not thresholds or window: those stay in Python)."""
+    digest = hashlib.sha256()
+    state = model.trained_state()
+    for part in ("classifier", "sam"):
+        for name in sorted(state[part]):
+            digest.update(name.encode())
+            digest.update(state[part][name].detach().cpu().contiguous().numpy().tobytes())
+    arch = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("cls_threshold", "cam_threshold")}
+    digest.update(json.dumps({"base": state["base_weights"], "model": arch, "size": model.prep.size,
+                              "sammix": __version__, "torch": torch.__version__, "opset": OPSET, "format": FORMAT},
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _sample_slices(size: int, n: int = 2) -> torch.Tensor:
+    """A few synthetic abdominal slices in [0,1] through the liver (checks need realistic input)."""
+    from sammix.data.io import Volume
+    from sammix.data.preprocess import resize_image, volume_to_unit
+    from sammix.data.synthetic import synthetic_ct
+
+    hu, _, affine = synthetic_ct((96, 96, 12), (3.0, 3.0, 6.0), seed=0)
+    axial = Volume(hu, affine, Path("synthetic")).axial()
+    picks = axial[np.linspace(4, 9, n).astype(int)]
+    unit = volume_to_unit(picks, (40.0, 400.0))
+    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit]))[:, None]
+
+
+def _export(module, args, path, names_in, names_out, dynamic_axes=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=names_in,
+                          output_names=names_out, dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def _max_diff(session, feeds: dict, expected) -> float:
+    got = session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
+    return max(float(np.abs(g - e.detach().cpu().numpy()).max()) for g, e in zip(got, expected))
+
+
+def export_model(model, out, key: str | None = None) -> Path:
+    """Write the three ONNX graphs of a SamMix into folder `out` (checked, atomically) -> out."""
+    from sammix.inference.engine import inference_encoder
+
+    model = model.eval()
+    clf = closed_form_cam(model)
+    if clf is None:
+        raise SammixError(f"cannot export the CAM of classifier {model.cfg.classifier!r} at layer "
+                          f"{model.prompter.layer!r}: its logit is not a spatial mean of a linear map of that layer")
+    out = Path(out)
+    device = model.device
+    s = int(model.prep.size)
+    x = _sample_slices(s, 3).to(device)
+    enc = EncoderForExport(model.sam, inference_encoder(model).to(device)).eval()
+    dec = DecoderForExport(model.sam, s).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with torch.no_grad():
+            ref_logits, ref_cams = model.prompter.compute(x)  # autograd GradCAM, the reference
+            _, mine = clf(x)
+            cam_diff = float((mine - ref_cams).abs().max())
+            boxes, mask_prompts = model.prompter.prompts(ref_cams)
+            x1 = x[1:2]
+            emb_ref = model.sam.encode(x1)  # LoRA unmerged, BN unfused: the training-time encoder
+            dec_args = (emb_ref, boxes[1:2].to(device))
+            dec_names = ["embeddings", "box"]
+            if mask_prompts is not None:  # mask_prompt "none": box only, SAM's no-mask embedding
+                dec_args += (mask_prompts[1:2].to(device),)
+                dec_names.append("mask_prompt")
+            dec_ref = model.sam.decode(*dec_args, multimask=True, size=s)
+            # The classifier takes any batch (checked below on another batch size than exported);
+            # TinyViT bakes its batch size into reshapes when traced, so encoder and decoder take one
+            # slice per call (ONNX Runtime is as fast per slice at batch 1 as at batch 4 here).
+            _export(clf, (x[:2],), tmp / FILES["classifier"], ["slices"], ["logits", "cams"],
+                    {"slices": {0: "batch"}, "logits": {0: "batch"}, "cams": {0: "batch"}})
+            _export(enc, (x1,), tmp / FILES["encoder"], ["slices"], ["embeddings"])
+            _export(dec, dec_args, tmp / FILES["decoder"], dec_names, ["masks", "scores"])
+        diffs = {
+            "classifier": _max_diff(onnx_session(tmp / FILES["classifier"]), {"slices": x}, (ref_logits, ref_cams)),
+            "encoder": _max_diff(onnx_session(tmp / FILES["encoder"]), {"slices": x1}, (emb_ref,)),
+            "decoder": _max_diff(onnx_session(tmp / FILES["decoder"]),
+                                 dict(zip(dec_names, dec_args)), dec_ref),
+        }
+        bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE[k]}
+        if bad or not cam_diff <= TOLERANCE["classifier"]:
+            raise SammixError(f"ONNX export does not match PyTorch (max abs diff {bad or {'cam': cam_diff}}, "
+                              f"allowed {TOLERANCE})")
+        manifest = {
+            "format": FORMAT,
+            "key": key or model_key(model),
+            "files": FILES,
+            "size": s,
+            "organ": model.prep.organ,
+            "decoder_inputs": dec_names,
+            # how the run that was exported uses the graphs (sammix itself reads them from the run):
+            "settings": {"window": model.prep.window, "cls_threshold": model.cfg.cls_threshold,
+                         "cam_threshold": model.cfg.cam_threshold,
+                         "mask_prompt": {"scale": model.prompter.mask_scale, "mode": model.prompter.mask_mode}},
+            "max_abs_diff_vs_pytorch": {**diffs, "closed_form_cam_vs_autograd": cam_diff},
+            "sammix_version": __version__,
+            "torch_version": torch.__version__,
+            "opset": OPSET,
+        }
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except OSError:  # another process wrote the same export at the same time: theirs will do
+            done = read_manifest(out)
+            if done is None or done.get("key") != manifest["key"]:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def read_manifest(folder) -> dict | None:
+    path = Path(folder) / "export.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != FORMAT or not all((Path(folder) / f).is_file() for f in FILES.values()):
+        return None
+    return manifest
+
+
+def cached_export(model, run: Path | None = None, cache_dir: Path | None = None, notify=None) -> Path:
+    """The ONNX export of this exact model: RUN/onnx if it matches, else one in the cache
+    ($SAMMIX_CACHE/onnx/<key>), written on first use (`notify(folder)` is called before)."""
+    from sammix.data.cache import default_cache_dir
+
+    key = model_key(model)
+    candidates = [Path(run) / "onnx"] if run is not None else []
+    cached = Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]
+    for folder in [*candidates, cached]:
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest.get("key") == key:
+            return folder
+    if notify is not None:
+        notify(cached)
+    return export_model(model, cached, key)
+
+
+def export_onnx(run, out=None) -> Path:
+    """`sammix export --run RUN --format onnx`: write RUN/onnx (or `out`) and return the folder."""
+    from sammix.models.sammix import SamMix
+
+    model = SamMix.load(run, device="cpu")
+    return export_model(model, Path(out) if out is not None else Path(run) / "onnx")

@@ -1,0 +1,433 @@
+"""`sammix predict`: CT volumes (NIfTI, NRRD, DICOM series) or 2D images in, aligned masks out.
+
+Per input: read it with its geometry -> axial slices in display orientation -> window + resize to
+the model's S x S -> classifier gate + GradCAM prompts -> SAM (batched, see `engine.Engine`) ->
+best-mask logits resized back to the slice's native size and thresholded -> optional 3D clean-up
+(largest connected component, holes filled slice by slice) -> `Volume.from_axial` back onto the
+stored voxel grid -> `<name>.nii.gz` (uint8, the input's shape and affine), `<name>.json` (a record
+of the run) and, with preview, `<name>_preview.png`. 2D images give `<name>.png` (0/255).
+
+One bad input costs one line on stderr and does not stop the others; the return value counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from sammix import __version__
+from sammix.data import io
+from sammix.data.preprocess import resize_image, slice_to_unit, volume_to_unit
+from sammix.errors import InputError, SammixError
+from sammix.inference.engine import Engine
+
+USE_RUN = object()  # window argument: the run's own PrepConfig window
+_SUFFIXES = io.VOLUME_SUFFIXES + io.IMAGE2D_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry: model-resolution logits -> native slices -> stored grid
+
+
+def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Mask logits (N,S,S) -> bool masks (N,H,W): bilinear resize of the logits, then > 0.
+
+    The inverse of the input's resize (`preprocess.resize_image`, pixel centres aligned), so the
+    mask covers the same anatomy it was predicted on."""
+    if len(logits) == 0:
+        return np.zeros((0, *shape_hw), dtype=bool)
+    up = F.interpolate(logits[:, None].float(), size=tuple(shape_hw), mode="bilinear", align_corners=False)
+    return (up[:, 0] > 0).numpy()
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Largest connected component (26-connected in 3D, 8 in 2D), holes filled per axial slice."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # work on the mask's bounding box only
+    part = mask[box]
+    labels, n = ndimage.label(part, structure=np.ones((3,) * part.ndim, dtype=bool))
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        part = labels == int(sizes.argmax())
+    if part.ndim == 2:
+        part = ndimage.binary_fill_holes(part)
+    else:
+        part = np.stack([ndimage.binary_fill_holes(s) if s.any() else s for s in part])
+    out = np.zeros_like(mask)
+    out[box] = part
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction on arrays
+
+
+def _engine(model, **options) -> Engine:
+    return model if isinstance(model, Engine) else make_engine(model, **options)
+
+
+def _resolve_window(engine: Engine, window):
+    return engine.model.prep.window if window is USE_RUN else window
+
+
+def _to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
+    """(B,H,W) in [0,1] -> (B,1,S,S), resized like the training slices (`resize_image`)."""
+    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
+
+
+def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
+                  progress: tqdm | None = None, times: dict | None = None) -> tuple[np.ndarray, dict]:
+    """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
+    and per-slice facts {"probs", "present", "scores"}."""
+    z, h, w = axial.shape
+    mask = np.zeros((z, h, w), dtype=bool)
+    probs, present, scores = np.zeros(z, np.float32), np.zeros(z, bool), np.zeros(z, np.float32)
+    times = {} if times is None else times
+    for start in range(0, z, batch_size):
+        t0 = time.perf_counter()
+        part = axial[start:start + batch_size]
+        unit = volume_to_unit(part, window)
+        x = _to_model_input(unit, engine.size)
+        times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
+        out = engine.predict(x, gate=gate)
+        t0 = time.perf_counter()
+        idx = out["index"].numpy()
+        mask[start + idx] = logits_to_native(out["logits"], (h, w))
+        probs[start:start + len(part)] = out["probs"].numpy()
+        present[start:start + len(part)] = out["present"].numpy()
+        scores[start + idx] = out["scores"].numpy()
+        times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
+        if progress is not None:
+            progress.update(len(part))
+    return mask, {"probs": probs, "present": present, "scores": scores}
+
+
+def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):
+    """Native-size display-orientation mask (Z,H,W) -> (uint8 mask on the stored grid, the
+    cleaned axial mask)."""
+    times = {} if times is None else times
+    t0 = time.perf_counter()
+    if cleanup:
+        mask_axial = clean_mask(mask_axial)
+    times["cleanup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stored = volume.from_axial(mask_axial.astype(np.uint8))
+    times["reorient"] = times.get("reorient", 0.0) + time.perf_counter() - t0
+    return stored, mask_axial
+
+
+def _model_info(engine: Engine, run) -> dict:
+    cfg = engine.model.cfg
+    return {"run": None if run is None else str(run), "backbone": cfg.backbone, "classifier": cfg.classifier,
+            "cls_threshold": cfg.cls_threshold, "cam_threshold": cfg.cam_threshold,
+            "engine": engine.describe(), "precision": engine.precision, "backend": engine.backend}
+
+
+def _environment(engine: Engine) -> dict:
+    return {"sammix_version": __version__, "torch_version": torch.__version__, "device": str(engine.device),
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8, cleanup: bool = True,
+                   gate: bool = True, progress: tqdm | None = None, run=None, **engine_options):
+    """A read `Volume` -> (uint8 mask on the volume's stored grid, record dict).
+
+    `model`: a SamMix (an engine is made for it: `make_engine(model, **engine_options)`) or an
+    `Engine` (made once, reused across volumes).
+    `window`: (level, width) or None (HU clipped to [0, 255]); default the run's own."""
+    engine = _engine(model, **engine_options)
+    window = _resolve_window(engine, window)
+    engine.times.clear()
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    axial = volume.axial()
+    times["reorient"] = time.perf_counter() - start
+    mask, facts = predict_axial(engine, axial, window, batch_size, gate, progress, times)
+    stored, mask = mask_to_stored(volume, mask, cleanup, times)
+    times.update(engine.times)
+    times["predict_total"] = time.perf_counter() - start
+
+    spacing = volume.axial_spacing()
+    voxels = int(mask.sum())
+    with_organ = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    record = {
+        "kind": "volume",
+        "shape": list(volume.data.shape),
+        "axial_shape": list(axial.shape),
+        "affine": np.round(volume.affine, 6).tolist(),
+        "spacing_mm": None if spacing is None else [round(s, 6) for s in spacing],
+        "window": None if window is None else list(window),
+        "organ": engine.model.prep.organ,
+        "organ_voxels": voxels,
+        "organ_volume_ml": None if spacing is None else round(voxels * float(np.prod(spacing)) / 1000.0, 3),
+        "slices": int(len(axial)),
+        "slices_classified_present": int(facts["present"].sum()),
+        "slices_with_organ": int(len(with_organ)),
+        "organ_slice_range": None if not len(with_organ) else [int(with_organ[0]), int(with_organ[-1])],
+        "slice_order": "axial, index 0 the most inferior slice",
+        "cleanup": bool(cleanup),
+        "gate": bool(gate),
+        "batch_size": int(batch_size),
+        "model": _model_info(engine, run),
+        "timings_s": {k: round(v, 3) for k, v in times.items()},
+        "slices_per_s": round(len(axial) / max(times["predict_total"], 1e-9), 3),
+        **_environment(engine),
+    }
+    return stored, record
+
+
+def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True, gate: bool = True,
+                  run=None, **engine_options):
+    """A 2D image as read by `read_image2d` (8-bit: /255; otherwise HU through the window) ->
+    (uint8 0/1 mask of the image's size, record)."""
+    engine = _engine(model, **engine_options)
+    window = _resolve_window(engine, window)
+    engine.times.clear()
+    start = time.perf_counter()
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"predict_image expects a 2D image, got shape {image.shape}")
+    times = {}
+    t0 = time.perf_counter()
+    x = _to_model_input(slice_to_unit(image, window)[None], engine.size)
+    times["preprocess"] = time.perf_counter() - t0
+    out = engine.predict(x, gate=gate)
+    mask = np.zeros(image.shape, dtype=bool)
+    if len(out["index"]):
+        mask = logits_to_native(out["logits"], image.shape)[0]
+    if cleanup:
+        mask = clean_mask(mask)
+    times.update(engine.times)
+    times["predict_total"] = time.perf_counter() - start
+    record = {
+        "kind": "image",
+        "shape": list(image.shape),
+        "window": "8-bit /255" if image.dtype == np.uint8 else (None if window is None else list(window)),
+        "organ": engine.model.prep.organ,
+        "organ_pixels": int(mask.sum()),
+        "organ_volume_ml": None,
+        "probability": float(out["probs"][0]),
+        "slices_classified_present": int(out["present"].sum()),
+        "slices_with_organ": int(mask.any()),
+        "cleanup": bool(cleanup),
+        "gate": bool(gate),
+        "model": _model_info(engine, run),
+        "timings_s": {k: round(v, 3) for k, v in times.items()},
+        **_environment(engine),
+    }
+    return mask.astype(np.uint8), record
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def output_stem(path: Path) -> str:
+    """ct.nii.gz -> ct; scan.nrrd -> scan; a DICOM folder -> its name."""
+    name = path.name
+    for suffix in _SUFFIXES:
+        if path.is_file() and name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """Output names; inputs that share a name are told apart by their parent folder's name."""
+    stems = [output_stem(p) for p in paths]
+    counts = {s: stems.count(s) for s in stems}
+    named = [f"{p.parent.name}_{s}" if counts[s] > 1 else s for p, s in zip(paths, stems)]
+    seen: dict[str, int] = {}
+    result = []
+    for s in named:
+        seen[s] = seen.get(s, 0) + 1
+        result.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+    return result
+
+
+def _input_files(paths: list[Path]) -> set[Path]:
+    files = set()
+    for p in paths:
+        files.add(p.resolve())
+        if p.is_dir():
+            files.update(f.resolve() for f in p.iterdir())
+    return files
+
+
+def _expand(raw_inputs, out: Path, report) -> tuple[list[Path], int]:
+    """find_inputs per argument (a bad one is reported and skipped); files inside the output
+    folder are left out of folder searches, so a second run does not segment its own masks."""
+    found, failures = [], 0
+    out = out.resolve()
+    for raw in raw_inputs:
+        raw = Path(raw)
+        try:
+            paths = io.find_inputs([raw])
+        except SammixError as exc:
+            report(str(exc))
+            failures += 1
+            continue
+        if raw.is_dir() and raw.resolve() in out.parents:  # the output folder is inside this input folder
+            paths = [p for p in paths if out not in p.resolve().parents and p.resolve() != out]
+        found += paths
+    return list(dict.fromkeys(found)), failures
+
+
+def _preview_image(volume: io.Volume, window) -> np.ndarray:
+    """The axial slices through the window as uint8 (a quarter of float32's memory)."""
+    axial = volume.axial()
+    out = np.empty(axial.shape, dtype=np.uint8)
+    for start in range(0, len(axial), 16):
+        unit = volume_to_unit(axial[start:start + 16], None if window is None else tuple(window))
+        out[start:start + 16] = np.round(unit * 255.0)
+    return out
+
+
+def _write_json(record: dict, path: Path) -> None:
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+
+
+def _write_png(mask: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with io.atomic_path(path) as tmp:
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(tmp)
+
+
+def _process(engine: Engine, path: Path, stem: str, out: Path, inputs: set[Path], args: dict, bar) -> dict:
+    is_image = path.is_file() and path.name.lower().endswith(io.IMAGE2D_SUFFIXES)
+    mask_path = out / f"{stem}{'.png' if is_image else '.nii.gz'}"
+    json_path = out / f"{stem}.json"
+    preview_path = out / f"{stem}_preview.png"
+    for target in (mask_path, json_path, preview_path):
+        if target.resolve() in inputs:
+            raise InputError(target, "output would overwrite an input; choose another --out folder")
+    t0 = time.perf_counter()
+    if is_image:
+        image = io.read_image2d(path)
+        t_read = time.perf_counter() - t0
+        mask, record = predict_image(engine, image, args["window"], args["cleanup"], run=args["run"])
+        t0 = time.perf_counter()
+        _write_png(mask, mask_path)
+    else:
+        volume = io.read_volume(path)
+        t_read = time.perf_counter() - t0
+        slices = tqdm(total=volume.axial_shape()[0], desc=stem, unit="slice", leave=False, disable=bar.disable)
+        try:
+            mask, record = predict_volume(engine, volume, args["window"], args["batch_size"], args["cleanup"],
+                                          progress=slices, run=args["run"])
+        finally:
+            slices.close()
+        t0 = time.perf_counter()
+        io.write_mask(mask, volume, mask_path)
+        if args["preview"]:
+            from sammix.viz import volume_preview
+
+            volume_preview(_preview_image(volume, record["window"]), volume.to_axial(mask), preview_path)
+    record["timings_s"]["read"] = round(t_read, 3)
+    record["timings_s"]["write"] = round(time.perf_counter() - t0, 3)
+    record["timings_s"]["total"] = round(sum(record["timings_s"][k] for k in ("read", "predict_total", "write")), 3)
+    record = {"input": str(path.resolve()), "output": str(mask_path.resolve()),
+              "preview": str(preview_path.resolve()) if args["preview"] and not is_image else None, **record}
+    if is_image and args["preview"]:
+        record["preview_note"] = "no preview for 2D images (the mask PNG is the picture)"
+    _write_json(record, json_path)
+    return record
+
+
+def load_for_inference(run, device: str = "auto"):
+    """A run folder (or an already built SamMix) -> (SamMix, run path or None)."""
+    from sammix.models.sammix import SamMix
+
+    if isinstance(run, SamMix):
+        return run.eval(), None
+    return SamMix.load(run, device=device), Path(run)
+
+
+def make_engine(model, run: Path | None = None, precision: str = "auto", backend: str = "auto") -> Engine:
+    """The fastest exact engine here: ONNX Runtime on a CPU unless told otherwise."""
+    from sammix.inference.export import cached_export
+
+    if backend == "auto":
+        backend = "onnx" if model.device.type == "cpu" and precision in ("auto", "fp32") else "torch"
+    if backend == "onnx":
+        def notify(folder):
+            tqdm.write(f"sammix predict: preparing ONNX Runtime graphs for this model in {folder} "
+                       "(once, a minute or less; reused by later runs)", file=sys.stderr)
+
+        try:
+            return Engine(model, precision, "onnx", onnx_dir=cached_export(model, run, notify=notify))
+        except Exception as exc:  # noqa: BLE001  any export trouble: PyTorch gives the same answers, slower
+            first = (str(exc).strip().splitlines() or [""])[0]
+            tqdm.write(f"sammix predict: ONNX Runtime unavailable ({type(exc).__name__}: {first}); "
+                       "using PyTorch", file=sys.stderr)
+    return Engine(model, precision, "torch")
+
+
+def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = False, cleanup: bool = True,
+                   batch_size: int = 8, window=None, device: str = "auto", precision: str = "auto",
+                   backend: str = "auto") -> int:
+    """Segment every input into `out`; returns the number of inputs that failed.
+
+    run: a run folder or a SamMix; window None: the run's own window. backend "auto": ONNX Runtime
+    on a CPU (the run's export, made once and cached: `export.cached_export`), PyTorch on a GPU."""
+    out = Path(out)
+    if batch_size < 1:
+        raise SammixError(f"--batch-size must be at least 1, got {batch_size}")
+
+    def report(message: str) -> None:
+        tqdm.write(f"sammix predict: error: {message}", file=sys.stderr)
+
+    paths, failures = _expand(inputs, out, report)
+    if not paths:
+        return failures
+    stems = _unique_stems(paths)
+    todo = []
+    for path, stem in zip(paths, stems):
+        is_image = path.is_file() and path.name.lower().endswith(io.IMAGE2D_SUFFIXES)
+        target = out / f"{stem}{'.png' if is_image else '.nii.gz'}"
+        if target.exists() and not overwrite:
+            tqdm.write(f"sammix predict: {path}: {target} exists, skipped (--overwrite replaces it)", file=sys.stderr)
+            continue
+        todo.append((path, stem))
+    if not todo:
+        return failures
+    model, run_path = load_for_inference(run, device)
+    engine = make_engine(model, run_path, precision, backend)
+    args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
+            "preview": preview, "run": run_path}
+    inputs_set = _input_files(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(todo, desc="predict", unit="input", disable=None)
+    for path, stem in bar:
+        bar.set_postfix_str(stem)
+        try:
+            record = _process(engine, path, stem, out, inputs_set, args, bar)
+        except SammixError as exc:
+            report(str(exc))
+            failures += 1
+            continue
+        except Exception as exc:  # one broken input must not stop the others
+            first = (str(exc).strip().splitlines() or [""])[0]
+            report(f"{path}: {type(exc).__name__}: {first}")
+            failures += 1
+            continue
+        vol = record["organ_volume_ml"]
+        tqdm.write(f"{path} -> {record['output']}: {record['slices_with_organ']}/{record.get('slices', 1)} slices"
+                   f"{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
+    bar.close()
+    return failures

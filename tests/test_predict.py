@@ -1,0 +1,289 @@
+"""`sammix predict`: masks on the input's exact grid and world position, one line per bad input,
+no overwriting, and the way back from model slices to the stored grid."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sammix.cli import main
+from sammix.config import RunConfig
+from sammix.data.io import Volume, read_volume
+from sammix.data.preprocess import resize_mask
+from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
+from sammix.inference.export import read_manifest
+from sammix.inference.predict import (_to_model_input, clean_mask, logits_to_native, make_engine, mask_to_stored,
+                                      predict_axial, predict_volume)
+from sammix.models.sammix import SamMix
+
+
+def untrained_run(base: Path) -> Path:
+    """Same as tests/test_export.py: the untrained model as a run folder with its ONNX export."""
+    run = base / "untrained-run"
+    if read_manifest(run / "onnx") is None:
+        torch.manual_seed(0)
+        cfg = RunConfig()
+        model = SamMix(cfg.model, cfg.prep)
+        run.mkdir(parents=True, exist_ok=True)
+        cfg.save(run / "config.yaml")
+        torch.save({"model": model.trained_state()}, run / "best.pt")
+        assert main(["export", "--run", str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return untrained_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def gate_all_run(run, tmp_path_factory) -> Path:
+    """The same weights with the gate shut (threshold above 1): every slice is classified, none
+    goes through SAM. For tests of files and geometry, where the mask's content does not matter."""
+    closed = tmp_path_factory.mktemp("gate-all") / "run"
+    shutil.copytree(run, closed)
+    cfg = yaml.safe_load((closed / "config.yaml").read_text())
+    cfg["model"]["cls_threshold"] = 1.01
+    (closed / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return closed
+
+
+def _nifti(path: Path, data, affine=np.eye(4)) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def _oblique(affine: np.ndarray, degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rot @ affine
+
+
+def _small_ct(tmp_path: Path, name="small.nii.gz", shape=(48, 40, 3)) -> Path:
+    hu, _, affine = synthetic_ct(shape, (3.0, 3.5, 5.0), seed=1)
+    data, aff = reorient(hu, affine, ("L", "P", "S"))
+    return _nifti(tmp_path / name, data.astype(np.int16), _oblique(aff, 15.0))
+
+
+def _dice(a, b) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask > 0).mean(axis=0)
+    return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+# --- the way back: model-resolution masks land where the organ is ------------------------------
+
+
+class GroundTruthEngine:
+    """Stands in for the model in `predict_axial`: it answers each slice it is given with that
+    slice's ground-truth mask at model resolution (the slice is recognised by its pixels). What is
+    under test is everything around the model: windowing, resizing, batching, slice bookkeeping,
+    resizing back, clean-up and the return to the stored grid."""
+
+    size = 256
+
+    def __init__(self, volume: Volume, mask_stored: np.ndarray, window):
+        axial, gt = volume.axial(), volume.to_axial(mask_stored)
+        from sammix.data.preprocess import volume_to_unit
+
+        x = _to_model_input(volume_to_unit(axial, window), self.size)
+        self.answers = {x[z].numpy().tobytes(): resize_mask(gt[z], self.size) for z in range(len(axial))}
+        assert len(self.answers) == len(axial)
+
+    def predict(self, x, gate=True):
+        masks = [self.answers[s.numpy().tobytes()] for s in x]
+        present = torch.tensor([m.any() for m in masks])
+        index = present.nonzero().flatten()
+        logits = torch.tensor(np.stack(masks)[index.numpy()].astype(np.float32) * 16.0 - 8.0)
+        return {"probs": present.float(), "present": present, "index": index, "logits": logits,
+                "scores": torch.ones(len(index))}
+
+
+def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
+    engine = GroundTruthEngine(volume, gt_stored, (40.0, 400.0))
+    mask_axial, facts = predict_axial(engine, volume.axial(), (40.0, 400.0), batch_size=batch_size)
+    stored, _ = mask_to_stored(volume, mask_axial, cleanup=True)
+    assert facts["present"].sum() == volume.to_axial(gt_stored).any(axis=(1, 2)).sum()
+    return stored
+
+
+@pytest.mark.parametrize("codes, degrees", [(("P", "I", "R"), 20.0), (("L", "A", "I"), 0.0)])
+def test_a_known_organ_comes_back_where_it_was_on_a_non_identity_grid(codes, degrees):
+    hu, liver, affine = synthetic_ct((72, 60, 20), (1.2, 1.4, 4.0), seed=2)
+    data, aff = reorient(hu, affine, codes)
+    gt, _ = reorient(liver, affine, codes)
+    volume = Volume(data, _oblique(aff, degrees), Path("synthetic"))
+    stored = _through_the_pipeline(volume, gt, batch_size=3)  # batches that do not divide Z
+    assert stored.shape == gt.shape and stored.dtype == np.uint8
+    assert _dice(stored, gt) > 0.95
+    shift = np.linalg.norm(_world_centroid(stored, volume.affine) - _world_centroid(gt, volume.affine))
+    assert shift < 0.5  # mm, against 1.2-4 mm voxels
+    left_right = [c in "LR" for c in codes].index(True)
+    assert _dice(stored, np.flip(gt, axis=left_right)) < 0.9  # a mirrored answer would be caught
+
+
+def test_the_real_totalsegmentator_liver_comes_back_in_place(shared_data):
+    folder = shared_data / "totalseg-example"
+    volume = read_volume(folder / "ct.nii.gz")
+    gt = (np.asarray(nib.load(str(folder / "segmentations" / "liver.nii.gz")).dataobj) > 0).astype(np.uint8)
+    stored = _through_the_pipeline(volume, gt, batch_size=8)
+    assert _dice(stored, gt) > 0.95  # 101 x 122 -> 256 x 256 -> back costs little
+    shift = np.linalg.norm(_world_centroid(stored, volume.affine) - _world_centroid(gt, volume.affine))
+    assert shift < 1.0  # mm; voxels are 3 mm
+
+
+def test_logits_are_resized_back_to_the_same_anatomy():
+    native = np.zeros((1, 100, 60), bool)
+    native[0, 20:50, 10:30] = True  # rows 20-49, columns 10-29 of a non-square slice
+    small = resize_mask(native[0].astype(np.uint8), 256)
+    back = logits_to_native(torch.tensor(small[None].astype(np.float32) * 2 - 1), (100, 60))
+    assert back.shape == native.shape and _dice(back, native) > 0.97
+
+
+def test_clean_mask_keeps_the_largest_component_and_fills_holes():
+    mask = np.zeros((6, 20, 20), bool)
+    mask[1:5, 2:12, 2:12] = True
+    mask[2:4, 5:8, 5:8] = False  # a hole inside
+    mask[1, 16:18, 16:18] = True  # a speck
+    clean = clean_mask(mask)
+    assert clean[2:4, 5:8, 5:8].all() and not clean[1, 16:18, 16:18].any()
+    assert clean[1:5, 2:12, 2:12].all() and clean.sum() == 4 * 100
+
+
+# --- files: the input's grid and world position ------------------------------------------------
+
+
+def _dicom_world(folder: Path, ijk: np.ndarray) -> np.ndarray:
+    """RAS world position of voxels (column, row, slice in position order) from the DICOM
+    headers alone, independent of the reader."""
+    import pydicom
+
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in sorted(folder.iterdir())]
+    iop = np.array(headers[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    headers.sort(key=lambda d: float(np.dot(np.array(d.ImagePositionPatient, float), normal)))
+    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+    out = []
+    for i, j, k in ijk:
+        lps = np.array(headers[k].ImagePositionPatient, float) + i * col_spacing * iop[:3] + j * row_spacing * iop[3:]
+        out.append(lps * [-1, -1, 1])
+    return np.array(out)
+
+
+@pytest.mark.slow
+def test_shared_ct_masks_have_the_input_grid_and_world_position(shared_data, gate_all_run, tmp_path, capsys):
+    dicom = shared_data / "chaos-ct3" / "dicom"
+    niftis = [shared_data / "totalseg-example" / "ct.nii.gz", shared_data / "lits-117" / "volume-117.nii.gz"]
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(gate_all_run), str(dicom), *map(str, niftis), "-o", str(out)]) == 0
+
+    written = nib.load(str(out / "dicom.nii.gz"))
+    n_files = len(list(dicom.iterdir()))
+    assert written.shape == (512, 512, n_files) and written.get_data_dtype() == np.uint8
+    corners = np.array([[0, 0, 0], [511, 0, 0], [0, 511, n_files - 1], [300, 200, n_files // 2]])
+    world = (written.affine @ np.c_[corners, np.ones(len(corners))].T).T[:, :3]
+    np.testing.assert_allclose(world, _dicom_world(dicom, corners), atol=1e-3)
+    assert int(written.header["sform_code"]) > 0 and int(written.header["qform_code"]) > 0
+
+    for path in niftis:
+        src = nib.load(str(path))
+        mask = nib.load(str(out / path.name))
+        assert mask.get_data_dtype() == np.uint8
+        assert mask.shape == src.shape
+        np.testing.assert_allclose(mask.affine, src.affine, atol=1e-5)
+        record = json.loads((out / path.name.replace(".nii.gz", ".json")).read_text())
+        assert record["input"] == str(path.resolve()) and record["shape"] == list(src.shape)
+        assert record["slices_classified_present"] == 0 and record["model"]["run"] == str(gate_all_run)
+        assert {"read", "classify_cam", "write", "total"} <= set(record["timings_s"])
+    lits = json.loads((out / "volume-117.json").read_text())
+    assert lits["spacing_mm"] is None and lits["organ_volume_ml"] is None  # identity affine: no spacing
+    assert json.loads((out / "ct.json").read_text())["spacing_mm"] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.slow
+def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_path):
+    model = SamMix.load(run, device="cpu")
+    engine = make_engine(model, run)
+    assert engine.backend == "onnx"
+    volume = read_volume(_small_ct(tmp_path))
+    mask, record = predict_volume(engine, volume, gate=False, batch_size=2, cleanup=False)
+    again, _ = predict_axial(engine, volume.axial(), model.prep.window, batch_size=1, gate=False)
+    assert mask.shape == volume.data.shape and mask.dtype == np.uint8
+    assert mask.any()
+    assert (mask == volume.from_axial(again.astype(np.uint8))).mean() > 0.999  # float noise may flip a pixel
+    assert record["slices_classified_present"] == 3 and record["timings_s"]["sam_encoder"] > 0
+    voxel_ml = np.prod(volume.axial_spacing()) / 1000.0
+    assert record["organ_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
+    assert record["window"] == [40.0, 400.0]
+
+
+# --- bad input, overwriting -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_each_bad_input_fails_alone_with_one_line(gate_all_run, tmp_path, capsys):
+    good = _small_ct(tmp_path, "good.nii.gz")
+    image = tmp_path / "slice.png"
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (30, 1))).save(image)
+    bad = {
+        "four_d.nii.gz": _nifti(tmp_path / "four_d.nii.gz", np.zeros((8, 8, 4, 3), np.float32)),
+        "flat.nii.gz": _nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.float32)),
+        "nans.nii.gz": _nifti(tmp_path / "nans.nii.gz", np.full((8, 8, 4), np.nan, np.float32)),
+        "broken.nii.gz": tmp_path / "broken.nii.gz",
+        "missing.nii.gz": tmp_path / "missing.nii.gz",
+        "mixed": tmp_path / "mixed",
+    }
+    bad["broken.nii.gz"].write_bytes(b"not a nifti")
+    hu, _, affine = synthetic_ct((16, 16, 4))
+    write_dicom_series(bad["mixed"], hu, affine, series_uid="1.2.3.4")
+    extra = write_dicom_series(tmp_path / "other", hu, affine, series_uid="1.2.3.5")
+    shutil.copy(sorted(extra.iterdir())[0], bad["mixed"] / "extra.dcm")
+
+    out = tmp_path / "out"
+    args = [str(bad["four_d.nii.gz"]), str(good), str(bad["flat.nii.gz"]), str(bad["nans.nii.gz"]),
+            str(bad["broken.nii.gz"]), str(image), str(bad["missing.nii.gz"]), str(bad["mixed"])]
+    capsys.readouterr()
+    assert main(["predict", "--run", str(gate_all_run), *args, "-o", str(out)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == len(bad), errors
+    for name, path in bad.items():
+        assert sum(str(path) in line for line in errors) == 1, (name, errors)
+    assert nib.load(str(out / "good.nii.gz")).shape == nib.load(str(good)).shape
+    png = np.asarray(Image.open(out / "slice.png"))
+    assert png.shape == (30, 40) and set(np.unique(png)) <= {0, 255}
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz", "slice.json", "slice.png"]
+
+
+@pytest.mark.slow
+def test_existing_outputs_and_inputs_are_never_overwritten(gate_all_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    ct = _small_ct(data, "case.nii.gz")
+    out = data / "masks"  # inside the input folder: a second run must not take its masks for inputs
+    assert main(["predict", "--run", str(gate_all_run), str(data), "-o", str(out)]) == 0
+    (out / "case.nii.gz").write_bytes(b"sentinel")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(gate_all_run), str(data), "-o", str(out)]) == 0
+    assert (out / "case.nii.gz").read_bytes() == b"sentinel"
+    assert "exists, skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["case.json", "case.nii.gz"]
+    assert main(["predict", "--run", str(gate_all_run), str(ct), "-o", str(out), "--overwrite"]) == 0
+    assert nib.load(str(out / "case.nii.gz")).shape == nib.load(str(ct)).shape
+
+    before = ct.read_bytes()  # output folder = the input's folder: <name>.nii.gz is the input itself
+    assert main(["predict", "--run", str(gate_all_run), str(ct), "-o", str(data), "--overwrite"]) == 1
+    assert ct.read_bytes() == before
+    assert "overwrite an input" in capsys.readouterr().err
