@@ -11,9 +11,9 @@ Columns, each volume in each column in a fresh subprocess (so peak memory does n
   Without --run the model is untrained (pretrained SAM, random LoRA/heads): its classifier
   cannot gate, so every slice goes through SAM (`gate=False`), the slowest case for sammix.
 
-Per volume: seconds (read + predict + write, after the model is loaded), process wall time
-(imports, model load and all), slices/s, peak resident memory (getrusage), Dice against the liver
-mask where there is one. Then: the CPU's matmul peak (torch.mm) and the encoder's achieved
+Per volume: seconds (read + predict + write, after the model is loaded), end to end (plus the
+process start: imports and model load), slices/s, peak resident memory (VmHWM), Dice against the
+liver mask where there is one. Then: the CPU's matmul peak (torch.mm) and the encoder's achieved
 GFLOP/s (FLOPs counted by FlopCounterMode), and an accuracy check of the fast paths (bf16
 autocast, ONNX Runtime) against the fp32 PyTorch reference on TotalSegmentator liver slices.
 """
@@ -34,7 +34,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-WINDOW = (40.0, 400.0)
+WINDOW = (40.0, 400.0)  # without a run; with one, its own window (both columns see the same slices)
+
+
+def _window(run):
+    if not run:
+        return WINDOW
+    from sammix.config import RunConfig
+
+    return RunConfig.load(Path(run) / "config.yaml").prep.window
 
 
 def _since_process_start() -> float:
@@ -83,6 +91,21 @@ def _load_sammix(run):
 # ------------------------------------------------------------------------------------- workers
 
 
+def _mm_peak(n: int = 4096, reps: int = 4) -> float:
+    """GFLOP/s of the best of a few fp32 n x n torch.mm, measured where it is used (the CPU is
+    shared, so a peak measured minutes earlier says little)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def work_naive(args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -91,11 +114,15 @@ def work_naive(args) -> dict:
     from sammix.data.io import read_volume, write_mask
     from sammix.data.preprocess import resize_image, volume_to_unit
 
+    t0 = time.perf_counter()
+    peak = _mm_peak()
+    t_mm = time.perf_counter() - t0
+    window = _window(args.run)
     net = build_lite_medsam()
     state = torch.load(get_asset_path(), map_location="cpu")
     net.load_state_dict(state.get("model", state))
     net.eval()
-    startup = _since_process_start()
+    startup = _since_process_start() - t_mm
     start = time.perf_counter()
     volume = read_volume(args.input)
     axial = volume.axial()
@@ -105,7 +132,7 @@ def work_naive(args) -> dict:
     t_model = 0.0
     with torch.no_grad():
         for k in range(z):
-            x = torch.from_numpy(resize_image(volume_to_unit(axial[k], WINDOW), 256))[None, None].repeat(1, 3, 1, 1)
+            x = torch.from_numpy(resize_image(volume_to_unit(axial[k], window), 256))[None, None].repeat(1, 3, 1, 1)
             t0 = time.perf_counter()
             logits = net(x, box)
             t_model += time.perf_counter() - t0
@@ -115,6 +142,7 @@ def work_naive(args) -> dict:
     write_mask(stored, volume, Path(args.out) / "naive.nii.gz")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "startup": startup, "slices": z, "sam_slices": z, "model_seconds": t_model,
+            "mm_gflops": peak, "mm_gflops_after": _mm_peak(),
             "dice": _dice(stored, _gt(args.gt)) if args.gt else None, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -122,9 +150,12 @@ def work_sammix(args) -> dict:
     from sammix.data.io import read_volume, write_mask
     from sammix.inference.predict import make_engine, predict_volume
 
+    t0 = time.perf_counter()
+    peak = _mm_peak()
+    t_mm = time.perf_counter() - t0
     model, run = _load_sammix(args.run)
     engine = make_engine(model, run)
-    startup = _since_process_start()
+    startup = _since_process_start() - t_mm
     start = time.perf_counter()
     volume = read_volume(args.input)
     gate = bool(args.run) and not args.no_gate
@@ -133,7 +164,8 @@ def work_sammix(args) -> dict:
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "startup": startup, "slices": record["slices"],
             "sam_slices": record["slices_classified_present"],
-            "gate": gate, "engine": record["model"]["engine"], "timings": record["timings_s"],
+            "gate": gate, "engine": record["model"]["engine"],
+            "timings": record["timings_s"], "mm_gflops": peak, "mm_gflops_after": _mm_peak(),
             "dice": _dice(mask, _gt(args.gt)) if args.gt else None, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -144,14 +176,7 @@ def work_flops(args) -> dict:
 
     from sammix.inference.engine import inference_encoder
 
-    n = 4096
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
+    peak = _mm_peak()
     model, _ = _load_sammix(args.run)
     encoder = inference_encoder(model)
     counter = FlopCounterMode(display=False)
@@ -159,13 +184,13 @@ def work_flops(args) -> dict:
         encoder(model.sam.preprocess(torch.rand(1, 1, 256, 256)))
     import onnxruntime
 
-    return {"mm_gflops": 2 * n**3 / best / 1e9, "encoder_gflop_per_slice": counter.get_total_flops() / 1e9,
+    return {"mm_gflops": peak, "encoder_gflop_per_slice": counter.get_total_flops() / 1e9,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__}
 
 
 def work_accuracy(args) -> dict:
-    """fp32 PyTorch (the reference; equal to SamMix.predict_slices) vs bf16 autocast vs ONNX
-    Runtime, on every other liver slice of the TotalSegmentator CT, no gate."""
+    """fp32 PyTorch (the reference; equal to SamMix.predict_slices) vs bf16 autocast
+    vs ONNX Runtime, on every other liver slice of the TotalSegmentator CT, no gate."""
     from sammix.data.io import read_volume
     from sammix.data.preprocess import volume_to_unit
     from sammix.inference.engine import Engine
@@ -177,11 +202,12 @@ def work_accuracy(args) -> dict:
     axial, gt = volume.axial(), volume.to_axial(_gt(args.gt))
     picks = np.flatnonzero(gt.any(axis=(1, 2)))[::2]
 
-    x = _to_model_input(volume_to_unit(axial[picks], WINDOW), model.prep.size)
+    x = _to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size)
     engines = {"fp32": Engine(model, "fp32", "torch"), "bf16": Engine(model, "bf16", "torch"),
                "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run))}
     out, result = {}, {"slices": len(picks)}
     for name, engine in engines.items():
+        engine.predict(x[:1], gate=False)  # warm up
         engine.times.clear()
         res = engine.predict(x, gate=False)
         out[name] = res
@@ -212,8 +238,7 @@ def work_export(args) -> dict:
     return {"folder": str(folder), "seconds": time.perf_counter() - start}
 
 
-WORKERS = {"naive": work_naive, "sammix": work_sammix, "flops": work_flops, "accuracy": work_accuracy,
-           "export": work_export}
+WORKERS = {"naive": work_naive, "sammix": work_sammix, "flops": work_flops, "accuracy": work_accuracy, "export": work_export}
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -311,7 +336,7 @@ def main(argv=None) -> int:
             out.mkdir()
             r = _spawn(column, args, inp, gt, out)
             results["volumes"][name][column] = r
-            print(f"# {name:12s} {column:7s} {r['seconds']:7.1f} s  startup {r['startup']:5.1f} s  wall {r['wall']:6.1f} s  "
+            print(f"# {name:12s} {column:17s} {r['seconds']:7.1f} s  startup {r['startup']:5.1f} s  wall {r['wall']:6.1f} s  "
                   f"peak {r['peak_rss_mb']:6.0f} MB  load {r['load_before']:.1f}->{r['load_after']:.1f}", flush=True)
     if not args.skip_accuracy and (SHARED / "totalseg-example").is_dir():
         inp, gt = catalogue["totalseg"]
@@ -324,36 +349,35 @@ def main(argv=None) -> int:
 
 
 def _print_table(results: dict, flops: dict) -> None:
-    print()
-    print("| volume | slices (to SAM) | naive s | sammix s | speed-up | naive slices/s | sammix slices/s "
-          "| naive wall s | sammix wall s | naive peak MB | sammix peak MB | Dice naive | Dice sammix |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print()
+    print("| volume | column | slices to SAM | s per volume | slices/s | speed-up | end to end s | peak MB | Dice |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, cols in results["volumes"].items():
-        n, s = cols.get("naive"), cols.get("sammix")
-        ref = s or n
-        row = [name, f"{ref['slices']} ({s['sam_slices'] if s else ref['sam_slices']})",
-               fmt(n and n["seconds"], ".1f"), fmt(s and s["seconds"], ".1f"),
-               fmt(n and s and n["seconds"] / s["seconds"], ".2f") + ("x" if n and s else ""),
-               fmt(n and n["slices"] / n["seconds"], ".2f"), fmt(s and s["slices"] / s["seconds"], ".2f"),
-               fmt(n and n["wall"], ".1f"), fmt(s and s["wall"], ".1f"),
-               fmt(n and n["peak_rss_mb"], ".0f"), fmt(s and s["peak_rss_mb"], ".0f"),
-               fmt(n and n["dice"], ".3f"), fmt(s and s["dice"], ".3f")]
-        print("| " + " | ".join(row) + " |")
+        naive = cols.get("naive")
+        for column, r in cols.items():
+            speedup = naive["seconds"] / r["seconds"] if naive else None
+            print(f"| {name} | {column} | {r['sam_slices']} of {r['slices']} | {r['seconds']:.1f} "
+                  f"| {r['slices'] / r['seconds']:.2f} | {fmt(speedup, '.2f')}x | {r['startup'] + r['seconds']:.1f} "
+                  f"| {r['peak_rss_mb']:.0f} | {fmt(r['dice'], '.3f')} |")
     print()
     peak, per_slice = flops["mm_gflops"], flops["encoder_gflop_per_slice"]
     print(f"torch {flops['torch']} ({flops['torch_threads']} threads), onnxruntime {flops['onnxruntime']}")
-    print(f"matmul peak (torch.mm 4096^2 fp32): {peak:.0f} GFLOP/s; encoder: {per_slice:.1f} GFLOP per slice")
+    print(f"matmul peak (torch.mm 4096^2 fp32) at the start: {peak:.0f} GFLOP/s; encoder: {per_slice:.1f} GFLOP "
+          "per slice (FlopCounterMode); each column against its own peak, measured before and after its volume:")
     for name, cols in results["volumes"].items():
         for column, r in cols.items():
-            enc = r.get("timings", {}).get("sam_encoder") if column == "sammix" else r.get("model_seconds")
-            if enc:
+            enc = r.get("timings", {}).get("sam_encoder") if column != "naive" else r.get("model_seconds")
+            if enc and r["sam_slices"]:
                 rate = per_slice * r["sam_slices"] / enc
+                own = max(r["mm_gflops"], r["mm_gflops_after"])
                 print(f"  {name} {column}: encoder {enc / r['sam_slices']:.3f} s/slice"
-                      f"{'' if column == 'sammix' else ' (whole LiteMedSAM)'} = {rate:.0f} GFLOP/s "
-                      f"= {rate / peak:.0%} of the matmul peak")
-        if "sammix" in cols:
-            print(f"  {name} sammix stages (s): {json.dumps(cols['sammix']['timings'])}")
+                      f"{'' if column != 'naive' else ' (whole LiteMedSAM)'} = {rate:.0f} GFLOP/s "
+                      f"= {rate / own:.0%} of the matmul peak ({r['mm_gflops']:.0f} / {r['mm_gflops_after']:.0f} "
+                      "GFLOP/s before / after)")
+        for column, r in cols.items():
+            if column != "naive":
+                print(f"  {name} {column} stages (s): {json.dumps(r['timings'])}")
     acc = results.get("accuracy")
     if acc:
         print(f"\naccuracy on {acc['slices']} TotalSegmentator liver slices (no gate), against fp32 PyTorch:")

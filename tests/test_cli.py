@@ -36,3 +36,24 @@ def test_bad_window_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["prepare", "somewhere", "--window", "40"])
     assert "LEVEL,WIDTH" in capsys.readouterr().err
+
+
+def test_set_overrides_any_setting_with_its_type_checked():
+    from sammix.config import RunConfig, apply_overrides
+    from sammix.errors import SammixError
+
+    cfg = apply_overrides(RunConfig(), ["train.sam_samples_per_epoch=128", "model.cam_threshold=0.3",
+                                        "train.lr_sam=1", "model.lora_targets=[attn.qkv]"])
+    assert cfg.train.sam_samples_per_epoch == 128 and cfg.model.cam_threshold == 0.3
+    assert cfg.train.lr_sam == 1.0 and isinstance(cfg.train.lr_sam, float)
+    assert cfg.model.lora_targets == ["attn.qkv"]
+    assert RunConfig().train.sam_samples_per_epoch != 128  # the defaults are not touched
+    for bad in ["train.nope=1", "nope.epochs=1", "train.epochs", "train.epochs=many", "data.x=1"]:
+        with pytest.raises(SammixError, match="--set"):
+            apply_overrides(RunConfig(), [bad])
+
+
+def test_train_rejects_a_bad_set_in_one_line(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.epoch=3" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ def _mtimes(paths):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """One tiny grid run twice: first with a cell made to fail, then (failure removed) again."""
+    """One tiny grid run twice: first in two worker processes with a cell made to fail, then
+    (failure removed) again in this process."""
     root = tmp_path_factory.mktemp("grid")
     train = write_synthetic_dataset(root / "train", "slices", n_cases=5, shape=(64, 64, 32), slice_step=8)
     cross = write_synthetic_dataset(root / "cross", "totalseg", n_cases=1, shape=(64, 64, 5), seed=50)
@@ -47,15 +49,19 @@ def grid(tmp_path_factory):
     bad = root / "out" / "runs" / "unet-k2-s0"
     bad.mkdir(parents=True)
     (bad / "config.yaml").write_text("kind: baseline\nnet: {arch: unet}\ndata: [somewhere/else]\n")
-    first = run_grid(spec)
+    first = run_grid(replace(spec, jobs=2))
     out = Path(spec.out)
     kept = sorted(out.glob("runs/*/best.pt")) + sorted(out.glob("runs/*/eval/*.json"))
     before = _mtimes(kept)
     log_before = (out / "experiment.log").read_text()
     shutil.rmtree(bad)
     second = run_grid(spec)
+    log = (out / "experiment.log").read_text()
+    # a report of what is finished (in a copy), with one more k asked for than was trained
+    shutil.copytree(out, root / "copy")
+    no_train = run_grid(replace(spec, out=str(root / "copy"), ks=[2, 3], no_train=True))
     return {"spec": spec, "out": out, "first": first, "second": second, "before": before, "kept": kept,
-            "log_before": log_before, "log": (out / "experiment.log").read_text()}
+            "log_before": log_before, "log": log, "no_train": no_train}
 
 
 @pytest.mark.slow
@@ -68,6 +74,16 @@ def test_a_failing_cell_is_reported_and_the_others_finish(grid):
     assert "other settings" in bad["error"]
     assert "FAILED" in grid["log_before"] and "unet-k2-s0" in grid["log_before"]
     assert grid["second"]["failed"] == []
+
+
+@pytest.mark.slow
+def test_no_train_reports_the_finished_cells_and_trains_none(grid):
+    statuses = {s["cell"]: s for s in grid["no_train"]["statuses"]}
+    assert sorted(grid["no_train"]["failed"]) == ["sammix-k3-s0", "unet-k3-s0"]
+    assert "--no-train" in statuses["unet-k3-s0"]["error"]
+    assert all(s["training"] in ("reused", "untrained") for s in statuses.values() if s["status"] == "done")
+    assert not (grid["out"].parent / "copy" / "runs" / "unet-k3-s0" / "best.pt").exists()
+    assert "sammix-k2-s0: reused finished run" in (grid["out"].parent / "copy" / "experiment.log").read_text()
 
 
 @pytest.mark.slow
@@ -119,13 +135,16 @@ def test_running_the_grid_again_reuses_runs_and_scores(grid):
 def test_cli_options_resolve_to_a_grid(tmp_path):
     args = build_parser().parse_args([
         "experiment", "--train-data", "a/lits", "--test-data", "ts=b/totalseg", "--methods", "unet,sam-zeroshot,sammix",
-        "--k", "5,50", "--seeds", "0,1", "--epochs", "3", "--out", str(tmp_path / "x"), "--window", "none"])
+        "--k", "5,50", "--seeds", "0,1", "--epochs", "3", "--out", str(tmp_path / "x"), "--window", "none",
+        "--set", "train.sam_samples_per_epoch=64", "--set", "model.cam_threshold=0.3", "--jobs", "2"])
     spec = spec_from_args(args)
     names = [c.name for c in spec.cells()]
     assert names == ["unet-k5-s0", "unet-k5-s1", "unet-k50-s0", "unet-k50-s1", "sam-zeroshot",
                      "sammix-k5-s0", "sammix-k5-s1", "sammix-k50-s0", "sammix-k50-s1"]
     assert spec.prep.window is None and spec.train.epochs == 3 and spec.test_data == {"ts": "b/totalseg"}
     assert "--window none" in spec.command and "--k 5,50" in spec.command
+    assert spec.train.sam_samples_per_epoch == 64 and spec.model.cam_threshold == 0.3 and spec.jobs == 2
+    assert "--set train.sam_samples_per_epoch=64" in spec.command
     assert spec_from_args(build_parser().parse_args(spec.command.split()[1:])).cells() == spec.cells()
 
     bad = build_parser().parse_args(["experiment", "--train-data", "a", "--methods", "unet,nope", "--out", "x"])

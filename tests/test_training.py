@@ -16,7 +16,7 @@ from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig
 from sammix.errors import SammixError
 from sammix.models.sammix import SamMix
 from sammix.training import train as train_module
-from sammix.training.train import train
+from sammix.training.train import CAM_THRESHOLDS, train
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,27 @@ def test_run_folder_records_everything(trained):
     labeled = json.loads((run / "labeled.json").read_text())
     assert len(labeled) == 2 and all(row["case"] in parts[0] for row in labeled)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in log] == [1, 2]
-    assert all(np.isfinite(row["cls_loss"]) and np.isfinite(row["sam_loss"]) for row in log)
-    assert all(0 <= row["val_dice"] <= 1 and 0 <= row["val_cls_accuracy"] <= 1 for row in log)
+    epochs = [row for row in log if "epoch" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert all(np.isfinite(row["cls_loss"]) and np.isfinite(row["sam_loss"]) for row in epochs)
+    (calibration,) = [row["calibration"] for row in log if "calibration" in row]
+    assert sorted(map(float, calibration["val_dice_by_cam_threshold"])) == list(CAM_THRESHOLDS)
+    assert calibration["cam_threshold"] in CAM_THRESHOLDS
+    assert all(0 <= row["val_dice"] <= 1 and 0 <= row["val_cls_accuracy"] <= 1 for row in epochs)
+
+
+def test_the_calibrated_cam_threshold_travels_with_the_weights(trained, tmp_path):
+    run, _ = trained
+    state = torch.load(run / "best.pt", weights_only=False)
+    chosen = state["model"]["cam_threshold"]
+    model = SamMix.load(run, device="cpu")
+    assert model.prompter.threshold == model.cfg.cam_threshold == chosen
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "config.yaml").write_text((run / "config.yaml").read_text())
+    state["model"]["cam_threshold"] = 0.123
+    torch.save(state, copy / "best.pt")
+    assert SamMix.load(copy, device="cpu").prompter.threshold == 0.123
 
 
 def test_only_trained_parts_are_saved_and_base_weights_recorded(trained):
@@ -135,3 +153,22 @@ def test_a_single_case_run_without_validation_still_keeps_best_weights(tmp_path)
     train(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
     assert json.loads((tmp_path / "run" / "split.json").read_text())["val"] == []
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_jittered_truth_boxes_surround_the_organ_loosely():
+    from sammix.models.cam import box_iou, mask_to_box
+    from sammix.training.train import jittered_truth_boxes
+
+    masks = torch.zeros(200, 1, 64, 64)
+    masks[:, :, 20:40, 10:30] = 1
+    cam_boxes = torch.tensor([[0.0, 0.0, 63.0, 63.0]]).repeat(200, 1)
+    rng = np.random.default_rng(0)
+    assert torch.equal(jittered_truth_boxes(cam_boxes, masks, 0.0, rng), cam_boxes)
+    out = jittered_truth_boxes(cam_boxes, masks, 0.5, rng)
+    replaced = (out != cam_boxes).any(1).numpy()
+    assert 0.35 < replaced.mean() < 0.65
+    truth = mask_to_box(masks[0, 0].numpy() > 0)
+    ious = box_iou(out[replaced].numpy(), np.repeat(truth[None], replaced.sum(), 0))
+    assert ious.min() > 0.3 and ious.mean() < 0.95  # near the organ, rarely exact
+    assert (out[replaced, 2] - out[replaced, 0]).mean() > truth[2] - truth[0]  # looser on average
+    assert out.min() >= 0 and out.max() <= 63

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sammix import __version__
-from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig, parse_window
+from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig, apply_overrides, parse_window
 from sammix.errors import SammixError
 
 
@@ -27,6 +27,12 @@ def _add_prep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--organ", default=PrepConfig.organ, help="target organ (default liver)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="slice cache folder (default $SAMMIX_CACHE or ~/.cache/sammix)")
+
+
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other setting of config.yaml, e.g. train.sam_samples_per_epoch=128 or "
+                        "model.cam_threshold=0.3; repeatable")
 
 
 def _prep_config(args) -> PrepConfig:
@@ -59,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=ModelConfig.classifier, help="efficientnet_lite0 | resnet38")
     p.add_argument("--lora-rank", type=int, default=ModelConfig.lora_rank)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_set_option(p)
     _add_prep_options(p)
 
     p = sub.add_parser("evaluate", help="score a trained run on a dataset (MONAI metrics)")
@@ -97,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--out", type=Path, required=True, help="experiment folder (finished runs are reused)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once in separate processes (a GPU fits several)")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: report the finished cells, mark the others as not run")
+    _add_set_option(p)
     _add_prep_options(p)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on real CT (downloads a LiTS volume if needed)")
@@ -125,7 +136,7 @@ def run(args) -> int:
             data=[str(d) for d in args.data],
             cls_only_data=[str(d) for d in args.cls_only_data],
         )
-        train(cfg, args.out, cache_dir=args.cache_dir)
+        train(apply_overrides(cfg, args.overrides), args.out, cache_dir=args.cache_dir)
         return 0
     if args.command == "evaluate":
         from sammix.evaluation.evaluate import evaluate_run

@@ -52,9 +52,10 @@ class TrainConfig:
     test_fraction: float = 0.15
     split_seed: int = 0  # the case split stays fixed across seeds; seeds vary the k slices and init
     val_max_slices: int = 32  # organ-present validation slices scored per epoch (CPU time)
-    gt_box_jitter: float = 0.0  # fraction of SAM steps prompted with jittered ground-truth boxes
+    gt_box_jitter: float = 0.0  # share of SAM samples prompted with a jittered ground-truth box
     cam_align_weight: float = 1.0  # CAM-alignment loss on slices whose mask is known (the k, and crops)
     crop_fraction: float = 0.3  # share of classifier samples that are crops of the k labelled slices
+    calibrate_cam: bool = True  # after training, pick the CAM threshold by validation Dice
     device: str = "auto"
 
 
@@ -95,3 +96,27 @@ def parse_window(text: str) -> tuple[float, float] | None:
     if width <= 0:
         raise ValueError(f"--window width must be positive, got {width}")
     return level, width
+
+
+def apply_overrides(cfg, items: list[str]):
+    """`--set section.field=value` (value read as YAML: 128, 0.3, true, [a, b]) on a config of
+    dataclass sections, e.g. "train.sam_samples_per_epoch=128". Returns the changed copy."""
+    from sammix.errors import SammixError
+
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        part = getattr(cfg, section, None)
+        if not sep or not dataclasses.is_dataclass(part) or name not in {f.name for f in dataclasses.fields(part)}:
+            sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+            raise SammixError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of "
+                              f"{', '.join(sections)} and FIELD one of its settings")
+        value = yaml.safe_load(text)
+        old = getattr(part, name)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and type(value) is not type(old) and not (
+                isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
+            raise SammixError(f"--set {item!r}: {key} takes a {type(old).__name__}, got {value!r}")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(part, **{name: value})})
+    return cfg

@@ -103,6 +103,8 @@ class ExperimentSpec:
     nnunet_trainer: str = "nnUNetTrainer"  # nnU-Net's own schedule (1000 x 250 steps); see docs/results.md
     cache_dir: str | None = None
     eval_batch_size: int = 8
+    jobs: int = 1  # cells run at once, each in its own process (a GPU fits several)
+    no_train: bool = False  # report what is finished; cells without a finished run are not run
     command: str = ""
 
     def cells(self) -> list[Cell]:
@@ -161,7 +163,9 @@ def command_line(args) -> str:
     window = "none" if args.window is None else f"{args.window[0]:g},{args.window[1]:g}"
     parts += ["--methods", args.methods, "--k", args.k, "--seeds", args.seeds, "--epochs", str(args.epochs),
               "--out", str(args.out), "--device", args.device, "--window", window, "--size", str(args.size),
-              "--middle-fraction", f"{args.middle_fraction:g}", "--organ", args.organ]
+              "--middle-fraction", f"{args.middle_fraction:g}", "--organ", args.organ, "--jobs", str(args.jobs)]
+    for item in args.overrides:
+        parts += ["--set", item]
     if args.cache_dir is not None:
         parts += ["--cache-dir", str(args.cache_dir)]
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("SAMMIX_NNUNET_BIN", "SAMMIX_NNUNET_TRAINER")
@@ -174,15 +178,22 @@ def spec_from_args(args) -> ExperimentSpec:
     ks = _ints(args.k, "k") if any(METHODS[m].uses_k for m in methods) else []
     if any(k <= 0 for k in ks):
         raise SammixError(f"--k values must be positive, got {args.k}")
+    if args.jobs < 1:
+        raise SammixError(f"--jobs must be at least 1, got {args.jobs}")
+    from sammix.config import apply_overrides
+
+    # --set reaches the shared settings of every cell: prep, model (SAM cells), train
+    base = apply_overrides(RunConfig(prep=PrepConfig(window=args.window, size=args.size,
+                                                     middle_fraction=args.middle_fraction, organ=args.organ),
+                                     train=TrainConfig(epochs=args.epochs, device=args.device)), args.overrides)
     return ExperimentSpec(
         train_data=[str(d) for d in args.train_data], out=str(args.out),
         cls_only_data=[str(d) for d in args.cls_only_data], test_data=parse_test_data(args.test_data),
         methods=methods, ks=ks, seeds=_ints(args.seeds, "seeds"),
-        prep=PrepConfig(window=args.window, size=args.size, middle_fraction=args.middle_fraction, organ=args.organ),
-        train=TrainConfig(epochs=args.epochs, device=args.device),
+        prep=base.prep, train=base.train, model=base.model,
         cache_dir=None if args.cache_dir is None else str(args.cache_dir),
         nnunet_trainer=os.environ.get("SAMMIX_NNUNET_TRAINER", "nnUNetTrainer"),
-        command=command_line(args),
+        jobs=args.jobs, no_train=args.no_train, command=command_line(args),
     )
 
 
@@ -356,6 +367,7 @@ class Grid:
     # -- training ---------------------------------------------------------------------------
     def train_cell(self, cell: Cell, run: Path) -> str:
         """Train the cell's run folder; returns "trained", "reused" or "untrained"."""
+        from sammix.models.baselines import NNUNET_DONE
         from sammix.training.train import write_json
 
         m, cfg = METHODS[cell.method], cell_config(self.spec, cell)
@@ -364,19 +376,22 @@ class Grid:
             shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             raise SammixError(f"{run} was made with other settings ({shown}); use another --out, "
                               "or delete this run folder to redo the cell")
+        finished = _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and (run / "best.pt").is_file()
+        if self.spec.no_train and m.trained and not finished and not (
+                m.family == "nnunet" and _same_config(run, cfg) and (run / NNUNET_DONE).is_file()):
+            raise SammixError("not run (--no-train and no finished run)")
         if not m.trained:
             run.mkdir(parents=True, exist_ok=True)
             cfg.save(run / "config.yaml")
             write_json(self.split, run / "split.json")
             return "untrained"
         if m.family == "nnunet":
-            from sammix.models.baselines import NNUNET_DONE
             from sammix.training.baselines import train_nnunet
 
             if _same_config(run, cfg) and (run / NNUNET_DONE).is_file():
                 return "reused"
             train_nnunet(cfg, run, cache_dir=self.cache)
-        elif _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and (run / "best.pt").is_file():
+        elif finished:
             return "reused"
         elif m.family == "net":
             from sammix.training.baselines import train_baseline
@@ -538,12 +553,15 @@ class Grid:
         }, self.out / "experiment.json")
         self.log(f"experiment: {len(cells)} cells, test sets "
                  + ", ".join(f"{ts.name} ({ts.domain}, {len(ts.idx)} slices)" for ts in test_sets))
-        statuses = []
-        bar = tqdm(cells, desc="experiment", unit="cell")
-        for cell in bar:
-            bar.set_postfix_str(cell.name)
-            statuses.append(self.run_cell(cell, test_sets))
-        bar.close()
+        if self.spec.jobs > 1:
+            statuses = self.run_parallel(cells)
+        else:
+            statuses = []
+            bar = tqdm(cells, desc="experiment", unit="cell")
+            for cell in bar:
+                bar.set_postfix_str(cell.name)
+                statuses.append(self.run_cell(cell, test_sets))
+            bar.close()
         from sammix.evaluation.report import write_report
 
         wall = time.time() - started
@@ -552,6 +570,46 @@ class Grid:
         self.log(f"experiment: done in {wall:.0f} s, {len(cells) - len(failed)} cells ok, {len(failed)} failed; {report}")
         return {"report": str(report), "n_cells": len(cells), "failed": failed, "statuses": statuses,
                 "wall_seconds": wall}
+
+
+    def run_parallel(self, cells: list[Cell]) -> list[dict]:
+        """Cells in `spec.jobs` worker processes, the CPU threads shared out among them. The
+        slice caches exist already (load_test_sets made them), so workers only read them."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        from tqdm import tqdm
+
+        threads = max(1, (os.cpu_count() or 1) // self.spec.jobs)
+        statuses: dict[str, dict] = {}
+        with ProcessPoolExecutor(self.spec.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            # the slowest cells (trained SAM) first, so the grid's end is not one long cell alone
+            first = sorted(cells, key=lambda c: (not METHODS[c.method].trained, METHODS[c.method].family != "sam"))
+            futures = {pool.submit(_run_cell_in_worker, self.spec, cell, self.split): cell for cell in first}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="experiment", unit="cell"):
+                cell = futures[future]
+                try:
+                    statuses[cell.name] = future.result()
+                except Exception as exc:  # the worker itself died (run_cell catches the cell's own errors)
+                    statuses[cell.name] = {"cell": cell.name, "method": cell.method, "k": cell.k, "seed": cell.seed,
+                                           "status": "failed", "error": f"worker: {type(exc).__name__}: {exc}"}
+                    self.log(f"{cell.name}: FAILED: {statuses[cell.name]['error']}")
+        return [statuses[c.name] for c in cells]
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell_in_worker(spec: ExperimentSpec, cell: Cell, split: dict) -> dict:
+    grid = Grid(spec)
+    test_sets, grid.split = load_test_sets(spec)
+    if grid.split != split:
+        raise SammixError("a worker found another case split than the experiment's")
+    return grid.run_cell(cell, test_sets)
 
 
 def run_grid(spec: ExperimentSpec) -> dict:

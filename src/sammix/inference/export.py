@@ -244,6 +244,7 @@ def export_model(model, out, key: str | None = None) -> Path:
     dec = DecoderForExport(model.sam, s).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an export is as readable as the run it sits in
     try:
         with torch.no_grad():
             ref_logits, ref_cams = model.prompter.compute(x)  # autograd GradCAM, the reference

@@ -7,6 +7,7 @@ No human prompt is needed.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,9 @@ class SamMix(nn.Module):
                                      f"not {expected.get('file')}")
         self.classifier.load_state_dict(state["classifier"])
         load_trainable_state_dict(self.sam, state["sam"])
+        if state.get("cam_threshold") is not None:  # chosen on validation cases after training
+            self.cfg = replace(self.cfg, cam_threshold=float(state["cam_threshold"]))
+            self.prompter.threshold = self.cfg.cam_threshold
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":

@@ -22,7 +22,8 @@ from sammix.config import RunConfig
 from sammix.data.io import atomic_path
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
-from sammix.models.cam import box_iou, mask_to_box
+from sammix.models.cam import box_iou, cam_to_box, mask_to_box
+from sammix.models.sam import SamBackbone
 from sammix.models.sammix import BEST_WEIGHTS, CONFIG_FILE, SamMix, resolve_device
 from sammix.training.augment import random_affine, random_intensity
 from sammix.models.classifier import classification_loss
@@ -30,6 +31,7 @@ from sammix.training.losses import segmentation_loss
 from sammix.training.slices import SliceSet, load_sources
 
 LAST = "last.pt"
+CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -71,6 +73,21 @@ def _prepare_run(cfg: RunConfig, out: Path) -> bool:
     with atomic_path(cfg_path) as tmp:
         cfg.save(tmp)
     return False
+
+
+def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
+                         rng: np.random.Generator) -> torch.Tensor:
+    """Replace about `share` of the boxes (B,4) by the ground-truth box of `masks` (B,1,S,S) with
+    each side moved by -10% to +30% of the box's size (mostly looser, as CAM boxes are)."""
+    boxes, s = boxes.clone(), masks.shape[-1]
+    for j in range(len(boxes)):
+        truth = mask_to_box(masks[j, 0].cpu().numpy() > 0.5)
+        if truth is None or rng.random() >= share:
+            continue
+        size = np.array([truth[2] - truth[0] + 1, truth[3] - truth[1] + 1] * 2)
+        moved = truth + np.array([-1, -1, 1, 1]) * rng.uniform(-0.1, 0.3, 4) * size
+        boxes[j] = torch.from_numpy(np.clip(moved, 0, s - 1).astype(np.float32)).to(boxes.device)
+    return boxes
 
 
 class Trainer:
@@ -220,6 +237,8 @@ class Trainer:
             x, m = random_affine(x, m, self.gen)
             x = random_intensity(x, self.gen)
             _, boxes, mask_prompts = self.model.cam_prompts(x)
+            if t.gt_box_jitter > 0:
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng)
             with self._autocast():
                 logits, scores = self.model.sam(x, boxes, mask_prompts)
             logits, scores = logits.float(), scores.float()
@@ -271,6 +290,7 @@ class Trainer:
         t = self.cfg.train
         if self.epoch >= t.epochs:
             print(f"{self.out}: already trained for {self.epoch} epochs (best val Dice {self.best:.3f})")
+            self.calibrate()
             return {"best_val_dice": self.best}
         if self.resuming:
             print(f"resuming {self.out} after epoch {self.epoch}")
@@ -295,7 +315,48 @@ class Trainer:
                 log.write(json.dumps(row) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         print(f"run folder: {self.out} (best val Dice {self.best:.3f})")
+        self.calibrate()
         return {"best_val_dice": self.best}
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Choose the CAM threshold of the best weights by Dice on every organ-present validation
+        slice (gate included, as at test time) and store it with them (best.pt, `cam_threshold`,
+        which `SamMix.load` applies). Done once; the encoder runs once per slice."""
+        t, best_path = self.cfg.train, self.out / BEST_WEIGHTS
+        present = [i for i in self.val_idx if self.data.labels[i] and self.data.has_mask[i]]
+        if not t.calibrate_cam or self.cfg.model.prompt != "cam" or not present or not best_path.is_file():
+            return
+        state = torch.load(best_path, map_location="cpu", weights_only=False)
+        if "cam_threshold" in state["model"]:
+            return
+        self.model.load_trained_state(state["model"], best_path)
+        self.model.eval()
+        dices = {thr: [] for thr in CAM_THRESHOLDS}
+        for idx in _batches(np.array(present), t.batch_size * 2):
+            x = _to_tensor(self.data.images[idx], self.device)
+            logits, cams = self.model.prompter.compute(x)
+            gate = (torch.sigmoid(logits.float()) >= self.cfg.model.cls_threshold).cpu().numpy()
+            with self._autocast():
+                emb = self.model.sam.encode(x)
+            for thr in CAM_THRESHOLDS:
+                boxes = torch.from_numpy(np.stack([cam_to_box(c, thr) for c in cams.float().cpu().numpy()]))
+                with self._autocast():
+                    masks, scores = self.model.sam.decode(emb, boxes.to(self.device), None, size=x.shape[-1])
+                best = SamBackbone.select_best(masks.float(), scores.float())[:, 0].cpu().numpy() > 0
+                for j, i in enumerate(idx):
+                    pred, gt = best[j] & gate[j], self.data.masks[i] > 0
+                    dices[thr].append(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
+        scores = {thr: float(np.mean(d)) for thr, d in dices.items()}
+        chosen = max(CAM_THRESHOLDS, key=lambda thr: (round(scores[thr], 6), thr == self.cfg.model.cam_threshold))
+        state["model"]["cam_threshold"] = chosen
+        save_atomic(state, best_path)
+        self.model.prompter.threshold = chosen
+        row = {"calibration": {"val_dice_by_cam_threshold": scores, "cam_threshold": chosen, "slices": len(present)}}
+        with open(self.out / "log.jsonl", "a") as log:
+            log.write(json.dumps(row) + "\n")
+        tqdm.write(f"CAM threshold {chosen} (validation Dice {scores[chosen]:.4f}; "
+                   + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")")
 
 
 def train(cfg: RunConfig, out: Path, cache_dir: Path | None = None) -> dict:
