@@ -63,6 +63,13 @@ def test_run_folder_records_everything(trained):
     assert sorted(map(float, calibration["val_dice_by_cam_threshold"])) == list(CAM_THRESHOLDS)
     assert calibration["cam_threshold"] in CAM_THRESHOLDS
     assert all(0 <= row["val_dice"] <= 1 and 0 <= row["val_cls_accuracy"] <= 1 for row in epochs)
+    for row in epochs:  # the synthetic volumes' validation case has organ-free slices too
+        n_organ, n_free = row["val_slices_scored"], row["val_organ_free_scored"]
+        assert n_organ > 0 and n_free > 0
+        expected = (row["val_dice"] * n_organ + row["val_organ_free_rejected"] * n_free) / (n_organ + n_free)
+        assert row["val_score"] == pytest.approx(expected)
+    best = max(epochs, key=lambda row: row["val_score"])  # the first of equals
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == best["epoch"]
 
 
 def test_the_calibrated_cam_threshold_travels_with_the_weights(trained, tmp_path):

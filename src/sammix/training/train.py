@@ -2,7 +2,8 @@
 
 A run folder holds everything needed to trust and reuse the run: config.yaml (resolved),
 split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and validation per
-epoch), last.pt (resume point) and best.pt (best validation Dice; what `SamMix.load` reads).
+epoch), last.pt (resume point) and best.pt (best validation score, see `Trainer.validate`; with the
+CAM threshold chosen on validation; what `SamMix.load` reads).
 """
 
 from __future__ import annotations
@@ -260,18 +261,29 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Classifier accuracy on every validation slice; Dice and CAM-box IoU on (at most
-        `val_max_slices`) organ-present validation slices."""
+        `val_max_slices`) organ-present validation slices; and, where validation cases have
+        organ-free slices (volumes), the share of (at most `val_max_slices`) of them the gate
+        rejects. `val_score`, which picks the best checkpoint, averages the Dice of the organ
+        slices with 1 per rejected and 0 per passed organ-free slice (an organ-free slice scores
+        Dice 1 only when the prediction is empty)."""
         t = self.cfg.train
         if len(self.val_idx) == 0:
             return {}
-        correct, dices, ious = 0, [], []
-        present = [i for i in self.val_idx if self.data.labels[i] and self.data.has_mask[i]]
-        keep = set(present[:: max(1, len(present) // t.val_max_slices)][: t.val_max_slices])
+
+        def spread(items):
+            return set(items[:: max(1, len(items) // t.val_max_slices)][: t.val_max_slices])
+
+        correct, dices, ious, rejected = 0, [], [], []
+        labelled = [i for i in self.val_idx if self.data.has_mask[i]]
+        keep = spread([i for i in labelled if self.data.labels[i]])
+        keep_free = spread([i for i in labelled if not self.data.labels[i]])
         for idx in _batches(self.val_idx, t.batch_size * 2):
             x = _to_tensor(self.data.images[idx], self.device)
             seg = [j for j, i in enumerate(idx) if i in keep]
             probs = torch.sigmoid(self.model.classifier.eval()(x)).float().cpu().numpy()
-            correct += int(((probs >= self.cfg.model.cls_threshold) == self.data.labels[idx].astype(bool)).sum())
+            called = probs >= self.cfg.model.cls_threshold
+            correct += int((called == self.data.labels[idx].astype(bool)).sum())
+            rejected += [float(not called[j]) for j, i in enumerate(idx) if i in keep_free]
             if not seg:
                 continue
             out = self.model.predict_slices(x[seg])
@@ -283,15 +295,20 @@ class Trainer:
                     ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)))
                 else:
                     ious.append(0.0)
-        return {"val_cls_accuracy": correct / len(self.val_idx), "val_dice": float(np.mean(dices)),
-                "val_cam_box_iou": float(np.mean(ious)), "val_slices_scored": len(dices)}
+        result = {"val_cls_accuracy": correct / len(self.val_idx), "val_dice": float(np.mean(dices)),
+                  "val_cam_box_iou": float(np.mean(ious)), "val_slices_scored": len(dices)}
+        if rejected:
+            result["val_organ_free_rejected"] = float(np.mean(rejected))
+            result["val_organ_free_scored"] = len(rejected)
+        result["val_score"] = float(np.mean(dices + rejected))
+        return result
 
     def fit(self) -> dict:
         t = self.cfg.train
         if self.epoch >= t.epochs:
-            print(f"{self.out}: already trained for {self.epoch} epochs (best val Dice {self.best:.3f})")
+            print(f"{self.out}: already trained for {self.epoch} epochs (best validation score {self.best:.3f})")
             self.calibrate()
-            return {"best_val_dice": self.best}
+            return {"best_val_score": self.best}
         if self.resuming:
             print(f"resuming {self.out} after epoch {self.epoch}")
         per_epoch = self.cls_steps * t.cls_batch_size + max(len(self.labeled), t.sam_samples_per_epoch)
@@ -305,7 +322,7 @@ class Trainer:
             self.epoch = epoch
             row = {"epoch": epoch, "cls_loss": cls_loss, "sam_loss": sam_loss, **val,
                    "seconds": round(time.time() - start, 1)}
-            score = val.get("val_dice", -sam_loss)
+            score = val.get("val_score", -sam_loss)
             if score > self.best:
                 self.best = score
                 save_atomic({"model": self.model.trained_state(), "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
@@ -314,9 +331,9 @@ class Trainer:
             with open(self.out / "log.jsonl", "a") as log:
                 log.write(json.dumps(row) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        print(f"run folder: {self.out} (best val Dice {self.best:.3f})")
+        print(f"run folder: {self.out} (best validation score {self.best:.3f})")
         self.calibrate()
-        return {"best_val_dice": self.best}
+        return {"best_val_score": self.best}
 
     @torch.no_grad()
     def calibrate(self) -> None:
