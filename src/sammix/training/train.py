@@ -311,12 +311,12 @@ class Trainer:
             return {"best_val_score": self.best}
         if self.resuming:
             print(f"resuming {self.out} after epoch {self.epoch}")
-        per_epoch = self.cls_steps * t.cls_batch_size + max(len(self.labeled), t.sam_samples_per_epoch)
+        trains_classifier = self.cfg.model.prompt == "cam"  # SAM-PP prompts with the whole image: no classifier
+        per_epoch = trains_classifier * self.cls_steps * t.cls_batch_size + max(len(self.labeled), t.sam_samples_per_epoch)
         for epoch in range(self.epoch + 1, t.epochs + 1):
             start = time.time()
             with tqdm(total=per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="slice", leave=False) as bar:
-                # the SAM-PP baselines prompt with the whole image: no classifier to train
-                cls_loss = self.classifier_epoch(bar) if self.cfg.model.prompt == "cam" else float("nan")
+                cls_loss = self.classifier_epoch(bar) if trains_classifier else float("nan")
                 sam_loss = self.sam_epoch(bar)
             val = self.validate()
             self.epoch = epoch
