@@ -32,3 +32,22 @@ def synthetic_root(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory) -> Path:
+    """The untrained model (pretrained parts, random heads, seed 0) as a run folder with its ONNX
+    export, made once per session (export and predict tests)."""
+    import torch
+
+    from sammix.cli import main
+    from sammix.config import RunConfig
+    from sammix.models.sammix import SamMix
+
+    run = tmp_path_factory.mktemp("untrained-run")
+    torch.manual_seed(0)
+    cfg = RunConfig()
+    cfg.save(run / "config.yaml")
+    torch.save({"model": SamMix(cfg.model, cfg.prep).trained_state()}, run / "best.pt")
+    assert main(["export", "--run", str(run)]) == 0
+    return run

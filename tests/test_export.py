@@ -10,36 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from sammix.cli import main
-from sammix.config import RunConfig
 from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_image, volume_to_unit
 from sammix.data.synthetic import synthetic_ct
 from sammix.inference.engine import Engine
-from sammix.inference.export import FILES, TOLERANCE, model_key, onnx_session, read_manifest
+from sammix.inference.export import FILES, TOLERANCE, model_key, onnx_session
 from sammix.models.sammix import SamMix
 
 pytestmark = pytest.mark.slow  # the real pretrained models
 
 
-def untrained_run(base: Path) -> Path:
-    """A run folder holding the untrained model (pretrained parts, random heads, seed 0) and its
-    ONNX export, made once per test session (tests/test_predict.py uses the same one)."""
-    run = base / "untrained-run"
-    if read_manifest(run / "onnx") is None:
-        torch.manual_seed(0)
-        cfg = RunConfig()
-        model = SamMix(cfg.model, cfg.prep)
-        run.mkdir(parents=True, exist_ok=True)
-        cfg.save(run / "config.yaml")
-        torch.save({"model": model.trained_state()}, run / "best.pt")
-        assert main(["export", "--run", str(run)]) == 0
-    return run
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return untrained_run(tmp_path_factory.getbasetemp())
+def run(untrained_run) -> Path:
+    return untrained_run
 
 
 @pytest.fixture(scope="module")

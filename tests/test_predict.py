@@ -15,33 +15,17 @@ import yaml
 from PIL import Image
 
 from sammix.cli import main
-from sammix.config import RunConfig
 from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_mask
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
-from sammix.inference.export import read_manifest
 from sammix.inference.predict import (_to_model_input, clean_mask, logits_to_native, make_engine, mask_to_stored,
                                       predict_axial, predict_volume)
 from sammix.models.sammix import SamMix
 
 
-def untrained_run(base: Path) -> Path:
-    """Same as tests/test_export.py: the untrained model as a run folder with its ONNX export."""
-    run = base / "untrained-run"
-    if read_manifest(run / "onnx") is None:
-        torch.manual_seed(0)
-        cfg = RunConfig()
-        model = SamMix(cfg.model, cfg.prep)
-        run.mkdir(parents=True, exist_ok=True)
-        cfg.save(run / "config.yaml")
-        torch.save({"model": model.trained_state()}, run / "best.pt")
-        assert main(["export", "--run", str(run)]) == 0
-    return run
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return untrained_run(tmp_path_factory.getbasetemp())
+def run(untrained_run) -> Path:
+    return untrained_run
 
 
 @pytest.fixture(scope="module")

@@ -59,25 +59,35 @@ class TrainConfig:
     device: str = "auto"
 
 
+class YamlConfig:
+    """Run configs saved as config.yaml; `read_yaml` gives subclasses the raw sections and the
+    PrepConfig (its window back to a tuple)."""
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+    @staticmethod
+    def read_yaml(path: Path) -> tuple[dict, PrepConfig]:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        prep = dict(raw.get("prep", {}))
+        if prep.get("window") is not None:
+            prep["window"] = tuple(prep["window"])
+        return raw, PrepConfig(**prep)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(YamlConfig):
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: list[str] = field(default_factory=list)
     cls_only_data: list[str] = field(default_factory=list)
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
-
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        prep = raw.get("prep", {})
-        if prep.get("window") is not None:
-            prep["window"] = tuple(prep["window"])
+        raw, prep = cls.read_yaml(path)
         return cls(
-            prep=PrepConfig(**prep),
+            prep=prep,
             model=ModelConfig(**raw.get("model", {})),
             train=TrainConfig(**raw.get("train", {})),
             data=raw.get("data", []),

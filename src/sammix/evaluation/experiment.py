@@ -376,23 +376,23 @@ class Grid:
             shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             raise SammixError(f"{run} was made with other settings ({shown}); use another --out, "
                               "or delete this run folder to redo the cell")
-        finished = _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and (run / "best.pt").is_file()
-        if self.spec.no_train and m.trained and not finished and not (
-                m.family == "nnunet" and _same_config(run, cfg) and (run / NNUNET_DONE).is_file()):
-            raise SammixError("not run (--no-train and no finished run)")
         if not m.trained:
             run.mkdir(parents=True, exist_ok=True)
             cfg.save(run / "config.yaml")
             write_json(self.split, run / "split.json")
             return "untrained"
         if m.family == "nnunet":
+            finished = _same_config(run, cfg) and (run / NNUNET_DONE).is_file()
+        else:
+            finished = _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and (run / "best.pt").is_file()
+        if finished:
+            return "reused"
+        if self.spec.no_train:
+            raise SammixError("not run (--no-train and no finished run)")
+        if m.family == "nnunet":
             from sammix.training.baselines import train_nnunet
 
-            if _same_config(run, cfg) and (run / NNUNET_DONE).is_file():
-                return "reused"
             train_nnunet(cfg, run, cache_dir=self.cache)
-        elif finished:
-            return "reused"
         elif m.family == "net":
             from sammix.training.baselines import train_baseline
 
@@ -583,10 +583,10 @@ class Grid:
         threads = max(1, (os.cpu_count() or 1) // self.spec.jobs)
         statuses: dict[str, dict] = {}
         with ProcessPoolExecutor(self.spec.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+                                 initializer=_worker_init, initargs=(threads, self.spec, self.split)) as pool:
             # the slowest cells (trained SAM) first, so the grid's end is not one long cell alone
             first = sorted(cells, key=lambda c: (not METHODS[c.method].trained, METHODS[c.method].family != "sam"))
-            futures = {pool.submit(_run_cell_in_worker, self.spec, cell, self.split): cell for cell in first}
+            futures = {pool.submit(_run_cell_in_worker, cell): cell for cell in first}
             for future in tqdm(as_completed(futures), total=len(futures), desc="experiment", unit="cell"):
                 cell = futures[future]
                 try:
@@ -598,18 +598,22 @@ class Grid:
         return [statuses[c.name] for c in cells]
 
 
-def _worker_init(threads: int) -> None:
+_WORKER: dict = {}  # in each worker process: its Grid and test sets, loaded once
+
+
+def _worker_init(threads: int, spec: ExperimentSpec, split: dict) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _run_cell_in_worker(spec: ExperimentSpec, cell: Cell, split: dict) -> dict:
     grid = Grid(spec)
     test_sets, grid.split = load_test_sets(spec)
     if grid.split != split:
         raise SammixError("a worker found another case split than the experiment's")
-    return grid.run_cell(cell, test_sets)
+    _WORKER.update(grid=grid, test_sets=test_sets)
+
+
+def _run_cell_in_worker(cell: Cell) -> dict:
+    return _WORKER["grid"].run_cell(cell, _WORKER["test_sets"])
 
 
 def run_grid(spec: ExperimentSpec) -> dict:

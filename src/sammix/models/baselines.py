@@ -8,7 +8,6 @@ config.yaml says `kind: baseline` and holds a `net` section instead of `model`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from sammix.config import PrepConfig, TrainConfig
+from sammix.config import PrepConfig, TrainConfig, YamlConfig
 from sammix.errors import InputError, SammixError
 
 CONFIG_FILE = "config.yaml"
@@ -52,25 +51,19 @@ def default_net(arch: str) -> NetConfig:
 
 
 @dataclass
-class BaselineRunConfig:
+class BaselineRunConfig(YamlConfig):
     prep: PrepConfig = field(default_factory=PrepConfig)
     net: NetConfig = field(default_factory=NetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # labeled 0 = all labelled slices
     data: list[str] = field(default_factory=list)
     kind: str = "baseline"
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
-
     @classmethod
     def load(cls, path: Path) -> "BaselineRunConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw, prep = cls.read_yaml(path)
         if raw.get("kind") != "baseline":
             raise InputError(path, "is not a baseline run config (no 'kind: baseline')")
-        prep = raw.get("prep", {})
-        if prep.get("window") is not None:
-            prep["window"] = tuple(prep["window"])
-        return cls(prep=PrepConfig(**prep), net=NetConfig(**raw.get("net", {})),
+        return cls(prep=prep, net=NetConfig(**raw.get("net", {})),
                    train=TrainConfig(**raw.get("train", {})), data=raw.get("data", []))
 
 
@@ -146,13 +139,9 @@ class SegNet(nn.Module):
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SegNet":
-        from sammix.models.sammix import resolve_device
+        from sammix.models.sammix import check_run_folder, resolve_device
 
-        run = Path(run)
-        if not (run / CONFIG_FILE).is_file():
-            raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
-        if not (run / weights).is_file():
-            raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
+        run = check_run_folder(run, weights)
         cfg = BaselineRunConfig.load(run / CONFIG_FILE)
         model = cls(cfg.net, cfg.prep)
         state = torch.load(run / weights, map_location="cpu", weights_only=False)
@@ -170,7 +159,7 @@ NNUNET_DONE = "nnunet.json"
 
 
 @dataclass
-class NnUNetRunConfig:
+class NnUNetRunConfig(YamlConfig):
     prep: PrepConfig = field(default_factory=PrepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # the case split; nnU-Net has its own schedule
     data: list[str] = field(default_factory=list)
@@ -178,18 +167,12 @@ class NnUNetRunConfig:
     configuration: str = "2d"
     kind: str = "nnunet"
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
-
     @classmethod
     def load(cls, path: Path) -> "NnUNetRunConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw, prep = cls.read_yaml(path)
         if raw.get("kind") != "nnunet":
             raise InputError(path, "is not an nnU-Net run config (no 'kind: nnunet')")
-        prep = raw.get("prep", {})
-        if prep.get("window") is not None:
-            prep["window"] = tuple(prep["window"])
-        return cls(prep=PrepConfig(**prep), train=TrainConfig(**raw.get("train", {})), data=raw.get("data", []),
+        return cls(prep=prep, train=TrainConfig(**raw.get("train", {})), data=raw.get("data", []),
                    trainer=raw.get("trainer", "nnUNetTrainer"), configuration=raw.get("configuration", "2d"))
 
 

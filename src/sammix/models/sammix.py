@@ -38,6 +38,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_run_folder(run: Path | str, weights: str = BEST_WEIGHTS) -> Path:
+    """The run folder as a Path, once it holds a config and the weights (else a one-line error)."""
+    run = Path(run)
+    if not (run / CONFIG_FILE).is_file():
+        raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
+    if not (run / weights).is_file():
+        raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
+    return run
+
+
 class SamMix(nn.Module):
     def __init__(self, model: ModelConfig | None = None, prep: PrepConfig | None = None):
         super().__init__()
@@ -146,11 +156,7 @@ class SamMix(nn.Module):
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":
-        run = Path(run)
-        if not (run / CONFIG_FILE).is_file():
-            raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
-        if not (run / weights).is_file():
-            raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
+        run = check_run_folder(run, weights)
         cfg = RunConfig.load(run / CONFIG_FILE)
         model = cls(cfg.model, cfg.prep)
         state = torch.load(run / weights, map_location="cpu", weights_only=False)

@@ -29,7 +29,7 @@ from sammix.models.sammix import resolve_device
 from sammix.training.augment import random_affine, random_intensity
 from sammix.training.losses import segmentation_loss
 from sammix.training.slices import load_sources
-from sammix.training.train import save_atomic, seed_everything, write_json
+from sammix.training.train import dice_score, save_atomic, seed_everything, write_json
 
 LAST = "last.pt"
 
@@ -50,10 +50,6 @@ def _prepare_run(cfg, out: Path) -> bool:
     with atomic_path(cfg_path) as tmp:
         cfg.save(tmp)
     return False
-
-
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
 
 
 class BaselineTrainer:

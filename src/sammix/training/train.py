@@ -76,6 +76,11 @@ def _prepare_run(cfg: RunConfig, out: Path) -> bool:
     return False
 
 
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two bool masks (validation's quick score; reported metrics come from MONAI)."""
+    return float(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
+
+
 def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
                          rng: np.random.Generator) -> torch.Tensor:
     """Replace about `share` of the boxes (B,4) by the ground-truth box of `masks` (B,1,S,S) with
@@ -290,7 +295,7 @@ class Trainer:
             for j, i in enumerate(idx[seg]):
                 gt = self.data.masks[i] > 0
                 pred = out["masks"][j].numpy()
-                dices.append(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
+                dices.append(dice_score(pred, gt))
                 if out["present"][j]:
                     ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)))
                 else:
@@ -363,7 +368,7 @@ class Trainer:
                 best = SamBackbone.select_best(masks.float(), scores.float())[:, 0].cpu().numpy() > 0
                 for j, i in enumerate(idx):
                     pred, gt = best[j] & gate[j], self.data.masks[i] > 0
-                    dices[thr].append(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
+                    dices[thr].append(dice_score(pred, gt))
         scores = {thr: float(np.mean(d)) for thr, d in dices.items()}
         chosen = max(CAM_THRESHOLDS, key=lambda thr: (round(scores[thr], 6), thr == self.cfg.model.cam_threshold))
         state["model"]["cam_threshold"] = chosen
