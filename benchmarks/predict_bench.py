@@ -8,6 +8,7 @@ Columns, each volume in each column in a fresh subprocess (so peak memory does n
   PyTorch, the whole-image box as prompt, no gating; logits resized back, thresholded, written.
 * sammix: `sammix predict`'s path (read -> `predict_volume` -> `write_mask`) with the run's model
   through `make_engine` (ONNX Runtime on a CPU; the export is made before timing and cached).
+* sammix-int8: the same with `--precision int8` (the encoder's linear layers in int8).
   Without --run the model is untrained (pretrained SAM, random LoRA/heads): its classifier
   cannot gate, so every slice goes through SAM (`gate=False`), the slowest case for sammix.
 
@@ -146,7 +147,7 @@ def work_naive(args) -> dict:
             "dice": _dice(stored, _gt(args.gt)) if args.gt else None, "peak_rss_mb": _peak_rss_mb()}
 
 
-def work_sammix(args) -> dict:
+def work_sammix(args, precision: str = "auto") -> dict:
     from sammix.data.io import read_volume, write_mask
     from sammix.inference.predict import make_engine, predict_volume
 
@@ -154,13 +155,13 @@ def work_sammix(args) -> dict:
     peak = _mm_peak()
     t_mm = time.perf_counter() - t0
     model, run = _load_sammix(args.run)
-    engine = make_engine(model, run)
+    engine = make_engine(model, run, precision)
     startup = _since_process_start() - t_mm
     start = time.perf_counter()
     volume = read_volume(args.input)
     gate = bool(args.run) and not args.no_gate
     mask, record = predict_volume(engine, volume, gate=gate, run=run)
-    write_mask(mask, volume, Path(args.out) / "sammix.nii.gz")
+    write_mask(mask, volume, Path(args.out) / f"sammix-{precision}.nii.gz")
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "startup": startup, "slices": record["slices"],
             "sam_slices": record["slices_classified_present"],
@@ -190,7 +191,7 @@ def work_flops(args) -> dict:
 
 def work_accuracy(args) -> dict:
     """fp32 PyTorch (the reference; equal to SamMix.predict_slices) vs bf16 autocast
-    vs ONNX Runtime, on every other liver slice of the TotalSegmentator CT, no gate."""
+    vs ONNX Runtime fp32 and int8, on every other liver slice of the TotalSegmentator CT, no gate."""
     from sammix.data.io import read_volume
     from sammix.data.preprocess import volume_to_unit
     from sammix.inference.engine import Engine
@@ -204,7 +205,8 @@ def work_accuracy(args) -> dict:
 
     x = _to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size)
     engines = {"fp32": Engine(model, "fp32", "torch"), "bf16": Engine(model, "bf16", "torch"),
-               "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run))}
+               "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run)),
+               "onnx-int8": Engine(model, "int8", "onnx", onnx_dir=cached_export(model, run))}
     out, result = {}, {"slices": len(picks)}
     for name, engine in engines.items():
         engine.predict(x[:1], gate=False)  # warm up
@@ -215,7 +217,7 @@ def work_accuracy(args) -> dict:
         result[name] = {"encoder_s_per_slice": engine.times["sam_encoder"] / len(picks),
                         "decoder_s_per_slice": engine.times["sam_decoder"] / len(picks),
                         "dice_vs_gt": _dice(masks, gt[picks]), "masks": masks}
-    for name in ("bf16", "onnx"):
+    for name in ("bf16", "onnx", "onnx-int8"):
         ref = result["fp32"]["masks"]
         mine = result[name]["masks"]
         per = [_dice(a, b) for a, b in zip(mine, ref) if a.any() or b.any()]
@@ -238,7 +240,8 @@ def work_export(args) -> dict:
     return {"folder": str(folder), "seconds": time.perf_counter() - start}
 
 
-WORKERS = {"naive": work_naive, "sammix": work_sammix, "flops": work_flops, "accuracy": work_accuracy, "export": work_export}
+WORKERS = {"naive": work_naive, "sammix": work_sammix, "sammix-int8": lambda args: work_sammix(args, "int8"),
+           "flops": work_flops, "accuracy": work_accuracy, "export": work_export}
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -289,7 +292,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None, help="trained run folder (default: the untrained model)")
     p.add_argument("--volumes", default="chaos,totalseg,synthetic512")
-    p.add_argument("--columns", default="naive,sammix")
+    p.add_argument("--columns", default="naive,sammix,sammix-int8")
     p.add_argument("--no-gate", action="store_true", help="send every slice through SAM even with a run")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write all numbers here")
@@ -381,7 +384,7 @@ def _print_table(results: dict, flops: dict) -> None:
     acc = results.get("accuracy")
     if acc:
         print(f"\naccuracy on {acc['slices']} TotalSegmentator liver slices (no gate), against fp32 PyTorch:")
-        for name in ("fp32", "bf16", "onnx"):
+        for name in ("fp32", "bf16", "onnx", "onnx-int8"):
             a = acc[name]
             extra = "" if name == "fp32" else (
                 f", Dice vs fp32 mean {a['dice_vs_fp32_mean']:.4f} min {a['dice_vs_fp32_min']:.4f}, "

@@ -14,7 +14,7 @@ from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_image, volume_to_unit
 from sammix.data.synthetic import synthetic_ct
 from sammix.inference.engine import Engine
-from sammix.inference.export import FILES, TOLERANCE, model_key, onnx_session
+from sammix.inference.export import FILES, INT8_MAX_REL_ERROR, TOLERANCE, model_key, onnx_session
 from sammix.models.sammix import SamMix
 
 pytestmark = pytest.mark.slow  # the real pretrained models
@@ -49,13 +49,14 @@ def slices() -> torch.Tensor:
     return _slices(shared if shared.is_dir() else None)
 
 
-def test_export_writes_three_graphs_checked_against_pytorch(run, model):
+def test_export_writes_the_graphs_checked_against_pytorch(run, model):
     folder = run / "onnx"
     manifest = json.loads((folder / "export.json").read_text())
     assert all((folder / f).is_file() for f in FILES.values())
     assert manifest["key"] == model_key(model)  # the export belongs to exactly these weights
     for part, diff in manifest["max_abs_diff_vs_pytorch"].items():
         assert diff <= TOLERANCE.get(part, 1e-3), (part, diff)
+    assert 0 < manifest["int8_encoder_relative_error"] <= INT8_MAX_REL_ERROR
 
 
 def test_onnx_graphs_agree_with_pytorch_on_other_slices(run, model, slices):
@@ -96,6 +97,21 @@ def test_fast_engines_give_the_masks_of_predict_slices(run, model, slices, refer
     assert agree > 0.9995, agree  # a few threshold pixels may flip with float rounding
     probs, _ = engine.classify(slices[:2])  # the gate sees the same probabilities
     np.testing.assert_allclose(probs.numpy(), reference["probs"].numpy(), atol=1e-4)
+
+
+def test_int8_engine_stays_close_to_fp32(run, model, slices, reference):
+    """int8 is not exact: its embeddings move by a few percent, its masks by a few pixels."""
+    engine = Engine(model, "int8", "onnx", onnx_dir=run / "onnx")
+    assert "encoder int8" in engine.describe()
+    fp32 = Engine(model, "fp32", "onnx", onnx_dir=run / "onnx")
+    emb, ref = engine.encode(slices[:2]), fp32.encode(slices[:2])
+    error = float((emb - ref).norm() / ref.norm())
+    assert 0 < error <= INT8_MAX_REL_ERROR, error
+    masks, expected = engine.predict_masks(slices[:2], gate=False), reference["masks"].numpy()
+    dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
+    assert dice > 0.95, dice
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        Engine(model, "int8", "torch")
 
 
 @pytest.mark.parametrize("setting, value", [("mask_prompt", "none"), ("prompt", "full_box")])

@@ -214,6 +214,15 @@ def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_p
     assert record["window"] == [40.0, 400.0]
 
 
+@pytest.mark.slow
+def test_predict_int8_from_the_command_line(run, tmp_path):
+    ct = _small_ct(tmp_path)
+    assert main(["predict", "--run", str(run), str(ct), "-o", str(tmp_path / "out"), "--precision", "int8"]) == 0
+    record = json.loads((tmp_path / "out" / "small.json").read_text())
+    assert record["model"]["precision"] == "int8" and "encoder int8" in record["model"]["engine"]
+    assert nib.load(str(tmp_path / "out" / "small.nii.gz")).shape == nib.load(str(ct)).shape
+
+
 # --- bad input, overwriting -----------------------------------------------------------------------
 
 

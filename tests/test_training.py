@@ -6,6 +6,7 @@ seconds; the numbers that matter come from the documented runs in docs/results.m
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig
 from sammix.errors import SammixError
 from sammix.models.sammix import SamMix
 from sammix.training import train as train_module
-from sammix.training.train import CAM_THRESHOLDS, train
+from sammix.training.train import CAM_THRESHOLDS, GATE_MARGIN, gate_threshold, train
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +85,34 @@ def test_the_calibrated_cam_threshold_travels_with_the_weights(trained, tmp_path
     state["model"]["cam_threshold"] = 0.123
     torch.save(state, copy / "best.pt")
     assert SamMix.load(copy, device="cpu").prompter.threshold == 0.123
+
+
+def test_gate_threshold_passes_every_validation_organ_slice_with_a_margin():
+    probs = np.array([0.97, 0.8, 0.99, 0.9])
+    gate = gate_threshold(probs)
+    assert (probs >= gate).all()
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(0.8) - logit(gate) == pytest.approx(GATE_MARGIN)
+    assert gate_threshold(np.array([0.3])) < 0.3 < gate  # an unsure classifier gets a low gate
+
+
+def test_the_gate_chosen_on_validation_travels_with_the_weights(trained, dataset, tmp_path):
+    run, cache = trained
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    state = torch.load(run / "best.pt", weights_only=False)
+    (best,) = [row for row in log if row.get("epoch") == state["epoch"]]
+    assert state["model"]["cls_threshold"] == best["val_gate_threshold"]
+    assert SamMix.load(run, device="cpu").cfg.cls_threshold == best["val_gate_threshold"]
+
+    # weights saved before the gate was chosen get it when `train` meets the finished run
+    old = shutil.copytree(run, tmp_path / "run")
+    del state["model"]["cls_threshold"]
+    torch.save(state, old / "best.pt")
+    train(tiny_config(dataset), old, cache_dir=cache)
+    row = json.loads((old / "log.jsonl").read_text().splitlines()[-1])["calibration"]
+    assert set(row) == {"gate_threshold"}  # the CAM threshold was there already
+    assert torch.load(old / "best.pt", weights_only=False)["model"]["cls_threshold"] == row["gate_threshold"]
+    assert 0 < row["gate_threshold"] < 1
 
 
 def test_only_trained_parts_are_saved_and_base_weights_recorded(trained):

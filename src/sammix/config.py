@@ -33,7 +33,7 @@ class ModelConfig:
     cam_layer: str | None = None  # None: the classifier's default layer
     cam_threshold: float = 0.4
     mask_prompt: str = "none"  # CAM as SAM's dense mask prompt too: soft | blob | none (box only; see docs/results.md)
-    cls_threshold: float = 0.5  # slices scored below this are organ-free
+    cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
 
 
@@ -56,6 +56,7 @@ class TrainConfig:
     cam_align_weight: float = 1.0  # CAM-alignment loss on slices whose mask is known (the k, and crops)
     crop_fraction: float = 0.3  # share of classifier samples that are crops of the k labelled slices
     calibrate_cam: bool = True  # after training, pick the CAM threshold by validation Dice
+    calibrate_gate: bool = True  # each epoch, set the gate to pass every organ-present validation slice
     device: str = "auto"
 
 

@@ -10,7 +10,9 @@
 * `precision="bf16"`: the encoder under bf16 autocast (prompt encoder and decoder stay fp32);
   faster than fp32 PyTorch here but not exact, so not the default (docs/performance.md);
 * `backend="onnx"`: classifier + CAM, encoder and decoder through ONNX Runtime, from
-  `export.export_model`: fp32, the same numbers, and the fastest on a CPU (docs/performance.md).
+  `export.export_model`: fp32, the same numbers, and the fastest exact engine on a CPU; with
+  `precision="int8"` the encoder's linear layers run in int8 (`export.quantize_encoder`): 1.4x
+  faster here, at the same Dice on the data measured (docs/performance.md), not exact.
 
 The model passed in is not modified.
 """
@@ -27,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BACKENDS = ("torch", "onnx")
 
 
@@ -63,7 +65,8 @@ class Engine:
 
     backend "torch": PyTorch, `precision` "fp32" (the reference), "bf16" (encoder under bf16
     autocast) or "auto" (fp32: see docs/performance.md for why bf16 is not the default);
-    backend "onnx": ONNX Runtime on the CPU with the graphs in folder `onnx_dir` (export.py)."""
+    backend "onnx": ONNX Runtime on the CPU with the graphs in folder `onnx_dir` (export.py),
+    `precision` "fp32" or "int8" (the encoder's linear layers)."""
 
     def __init__(self, model, precision: str = "auto", backend: str = "torch", onnx_dir: Path | None = None,
                  channels_last: bool = True):
@@ -81,13 +84,17 @@ class Engine:
         if backend == "onnx":
             from sammix.inference.export import FILES, onnx_session
 
-            if self.device.type != "cpu" or self.precision != "fp32":
-                raise ValueError("the ONNX Runtime backend runs fp32 on the CPU")
+            if self.device.type != "cpu" or self.precision not in ("fp32", "int8"):
+                raise ValueError("the ONNX Runtime backend runs fp32 or int8 on the CPU")
             if onnx_dir is None:
                 raise ValueError("backend 'onnx' needs onnx_dir (a folder written by export_model)")
             self.onnx_dir = Path(onnx_dir)
-            self.sessions = {k: onnx_session(self.onnx_dir / f) for k, f in FILES.items()}
+            encoder = "encoder_int8" if self.precision == "int8" else "encoder"
+            self.sessions = {k: onnx_session(self.onnx_dir / FILES[f])
+                             for k, f in [("classifier", "classifier"), ("encoder", encoder), ("decoder", "decoder")]}
             self.decoder_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
+        elif self.precision == "int8":
+            raise ValueError("int8 runs through ONNX Runtime (backend 'onnx')")
         else:
             from sammix.inference.export import closed_form_cam
 
@@ -99,7 +106,7 @@ class Engine:
 
     def describe(self) -> str:
         if self.backend == "onnx":
-            return "onnxruntime fp32 (classifier with closed-form CAM, encoder, decoder)"
+            return f"onnxruntime (classifier with closed-form CAM fp32, encoder {self.precision}, decoder fp32)"
         cam = "whole-image box" if self.full_box else (
             "closed-form GradCAM" if self.cam_net is not None else "autograd GradCAM")
         return f"torch {self.precision} encoder on {self.device.type}, {cam}"

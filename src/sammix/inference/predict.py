@@ -359,11 +359,14 @@ def load_for_inference(run, device: str = "auto"):
 
 
 def make_engine(model, run: Path | None = None, precision: str = "auto", backend: str = "auto") -> Engine:
-    """The fastest exact engine here: ONNX Runtime on a CPU unless told otherwise."""
+    """The engine for `precision`: on a CPU, ONNX Runtime (fp32, exact and the default; or int8);
+    on a GPU, PyTorch (fp32 or bf16)."""
     from sammix.inference.export import cached_export
 
+    if precision == "int8" and model.device.type != "cpu":
+        raise SammixError("--precision int8 runs on the CPU (ONNX Runtime); on a GPU use fp32 or bf16")
     if backend == "auto":
-        backend = "onnx" if model.device.type == "cpu" and precision in ("auto", "fp32") else "torch"
+        backend = "onnx" if model.device.type == "cpu" and precision in ("auto", "fp32", "int8") else "torch"
     if backend == "onnx":
         def notify(folder):
             tqdm.write(f"sammix predict: preparing ONNX Runtime graphs for this model in {folder} "
@@ -373,6 +376,8 @@ def make_engine(model, run: Path | None = None, precision: str = "auto", backend
             return Engine(model, precision, "onnx", onnx_dir=cached_export(model, run, notify=notify))
         except Exception as exc:  # noqa: BLE001  any export trouble: PyTorch gives the same answers, slower
             first = (str(exc).strip().splitlines() or [""])[0]
+            if precision == "int8":
+                raise SammixError(f"--precision int8 needs ONNX Runtime, which failed ({type(exc).__name__}: {first})")
             tqdm.write(f"sammix predict: ONNX Runtime unavailable ({type(exc).__name__}: {first}); "
                        "using PyTorch", file=sys.stderr)
     return Engine(model, precision, "torch")

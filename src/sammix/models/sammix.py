@@ -150,9 +150,14 @@ class SamMix(nn.Module):
                                      f"not {expected.get('file')}")
         self.classifier.load_state_dict(state["classifier"])
         load_trainable_state_dict(self.sam, state["sam"])
-        if state.get("cam_threshold") is not None:  # chosen on validation cases after training
-            self.cfg = replace(self.cfg, cam_threshold=float(state["cam_threshold"]))
-            self.prompter.threshold = self.cfg.cam_threshold
+        # the gate and CAM thresholds chosen on validation cases (train.Trainer), where present
+        self.set_thresholds(state.get("cls_threshold"), state.get("cam_threshold"))
+
+    def set_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None) -> None:
+        """Set the gate (classifier) and CAM thresholds; None keeps the current one."""
+        given = {"cls_threshold": cls_threshold, "cam_threshold": cam_threshold}
+        self.cfg = replace(self.cfg, **{k: float(v) for k, v in given.items() if v is not None})
+        self.prompter.threshold = self.cfg.cam_threshold
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":

@@ -3,7 +3,7 @@
 A run folder holds everything needed to trust and reuse the run: config.yaml (resolved),
 split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and validation per
 epoch), last.pt (resume point) and best.pt (best validation score, see `Trainer.validate`; with the
-CAM threshold chosen on validation; what `SamMix.load` reads).
+gate and CAM thresholds chosen on validation; what `SamMix.load` reads).
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ from sammix.training.slices import SliceSet, load_sources
 
 LAST = "last.pt"
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
+GATE_MARGIN = 1.0  # logits; see gate_threshold
+
+
+def gate_threshold(present_probs: np.ndarray) -> float:
+    """The gate (classifier threshold) that passes every organ-present validation slice, lowered
+    by GATE_MARGIN logits (odds / e) so that organ slices a little less typical than any in
+    validation pass too. A confident classifier gets a high gate (organ-free slices skip SAM);
+    an unsure one a low gate (no organ slice is lost to it)."""
+    p = float(np.clip(np.min(present_probs), 1e-6, 1 - 1e-6))
+    return float(1.0 / (1.0 + np.exp(GATE_MARGIN - np.log(p / (1.0 - p)))))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -264,6 +274,13 @@ class Trainer:
         return float(np.mean(losses))
 
     @torch.no_grad()
+    def _probs(self, indices) -> np.ndarray:
+        """The classifier's organ probability for each slice of self.data at `indices`."""
+        self.model.classifier.eval()
+        return np.concatenate([torch.sigmoid(self.model.classifier(_to_tensor(self.data.images[idx], self.device)))
+                               .float().cpu().numpy() for idx in _batches(np.asarray(indices), 32)] or [np.zeros(0)])
+
+    @torch.no_grad()
     def validate(self) -> dict:
         """Classifier accuracy on every validation slice; Dice and CAM-box IoU on (at most
         `val_max_slices`) organ-present validation slices; and, where validation cases have
@@ -278,30 +295,24 @@ class Trainer:
         def spread(items):
             return set(items[:: max(1, len(items) // t.val_max_slices)][: t.val_max_slices])
 
-        correct, dices, ious, rejected = 0, [], [], []
+        labels = self.data.labels[self.val_idx].astype(bool)
+        probs = self._probs(self.val_idx)
+        gate = gate_threshold(probs[labels]) if t.calibrate_gate and labels.any() else self.cfg.model.cls_threshold
+        self.model.set_thresholds(cls_threshold=gate)
+        called = dict(zip(self.val_idx, probs >= gate))
+        dices, ious = [], []
         labelled = [i for i in self.val_idx if self.data.has_mask[i]]
         keep = spread([i for i in labelled if self.data.labels[i]])
-        keep_free = spread([i for i in labelled if not self.data.labels[i]])
-        for idx in _batches(self.val_idx, t.batch_size * 2):
-            x = _to_tensor(self.data.images[idx], self.device)
-            seg = [j for j, i in enumerate(idx) if i in keep]
-            probs = torch.sigmoid(self.model.classifier.eval()(x)).float().cpu().numpy()
-            called = probs >= self.cfg.model.cls_threshold
-            correct += int((called == self.data.labels[idx].astype(bool)).sum())
-            rejected += [float(not called[j]) for j, i in enumerate(idx) if i in keep_free]
-            if not seg:
-                continue
-            out = self.model.predict_slices(x[seg])
-            for j, i in enumerate(idx[seg]):
+        rejected = [float(not called[i]) for i in spread([i for i in labelled if not self.data.labels[i]])]
+        for idx in _batches(np.array(sorted(keep), dtype=int), t.batch_size * 2):
+            out = self.model.predict_slices(_to_tensor(self.data.images[idx], self.device))
+            for j, i in enumerate(idx):
                 gt = self.data.masks[i] > 0
-                pred = out["masks"][j].numpy()
-                dices.append(dice_score(pred, gt))
-                if out["present"][j]:
-                    ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)))
-                else:
-                    ious.append(0.0)
-        result = {"val_cls_accuracy": correct / len(self.val_idx), "val_dice": float(np.mean(dices)),
-                  "val_cam_box_iou": float(np.mean(ious)), "val_slices_scored": len(dices)}
+                dices.append(dice_score(out["masks"][j].numpy(), gt))
+                ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)) if out["present"][j] else 0.0)
+        result = {"val_cls_accuracy": float(np.mean((probs >= gate) == labels)), "val_gate_threshold": gate,
+                  "val_dice": float(np.mean(dices)) if dices else float("nan"),
+                  "val_cam_box_iou": float(np.mean(ious)) if ious else float("nan"), "val_slices_scored": len(dices)}
         if rejected:
             result["val_organ_free_rejected"] = float(np.mean(rejected))
             result["val_organ_free_scored"] = len(rejected)
@@ -330,7 +341,8 @@ class Trainer:
             score = val.get("val_score", -sam_loss)
             if score > self.best:
                 self.best = score
-                save_atomic({"model": self.model.trained_state(), "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
+                weights = {**self.model.trained_state(), "cls_threshold": self.model.cfg.cls_threshold}
+                save_atomic({"model": weights, "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
                 row["best"] = True
             self._save_last()
             with open(self.out / "log.jsonl", "a") as log:
@@ -342,23 +354,43 @@ class Trainer:
 
     @torch.no_grad()
     def calibrate(self) -> None:
-        """Choose the CAM threshold of the best weights by Dice on every organ-present validation
-        slice (gate included, as at test time) and store it with them (best.pt, `cam_threshold`,
-        which `SamMix.load` applies). Done once; the encoder runs once per slice."""
+        """Complete the best weights' thresholds, once, and store them with the weights (best.pt,
+        which `SamMix.load` applies): the gate (`gate_threshold`, for weights saved before it was
+        set each epoch) and the CAM threshold, by Dice on every organ-present validation slice
+        (gate included, as at test time; the encoder runs once per slice)."""
         t, best_path = self.cfg.train, self.out / BEST_WEIGHTS
-        present = [i for i in self.val_idx if self.data.labels[i] and self.data.has_mask[i]]
-        if not t.calibrate_cam or self.cfg.model.prompt != "cam" or not present or not best_path.is_file():
+        present = np.array([i for i in self.val_idx if self.data.labels[i]], dtype=int)
+        if self.cfg.model.prompt != "cam" or not len(present) or not best_path.is_file():
             return
         state = torch.load(best_path, map_location="cpu", weights_only=False)
-        if "cam_threshold" in state["model"]:
-            return
-        self.model.load_trained_state(state["model"], best_path)
+        weights, row = state["model"], {}
+        self.model.load_trained_state(weights, best_path)
         self.model.eval()
+        if t.calibrate_gate and "cls_threshold" not in weights:
+            weights["cls_threshold"] = row["gate_threshold"] = gate_threshold(self._probs(present))
+            self.model.set_thresholds(cls_threshold=weights["cls_threshold"])
+        scored = present[self.data.has_mask[present]]
+        if t.calibrate_cam and "cam_threshold" not in weights and len(scored):
+            dices = self._dice_by_cam_threshold(scored)
+            scores = {thr: float(np.mean(d)) for thr, d in dices.items()}
+            chosen = max(CAM_THRESHOLDS, key=lambda thr: (round(scores[thr], 6), thr == self.cfg.model.cam_threshold))
+            weights["cam_threshold"] = chosen
+            self.model.set_thresholds(cam_threshold=chosen)
+            row.update({"val_dice_by_cam_threshold": scores, "cam_threshold": chosen, "slices": len(scored)})
+            tqdm.write(f"CAM threshold {chosen} (validation Dice {scores[chosen]:.4f}; "
+                       + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")")
+        if row:
+            save_atomic(state, best_path)
+            with open(self.out / "log.jsonl", "a") as log:
+                log.write(json.dumps({"calibration": row}) + "\n")
+
+    def _dice_by_cam_threshold(self, indices: np.ndarray) -> dict[float, list[float]]:
+        t = self.cfg.train
         dices = {thr: [] for thr in CAM_THRESHOLDS}
-        for idx in _batches(np.array(present), t.batch_size * 2):
+        for idx in _batches(indices, t.batch_size * 2):
             x = _to_tensor(self.data.images[idx], self.device)
             logits, cams = self.model.prompter.compute(x)
-            gate = (torch.sigmoid(logits.float()) >= self.cfg.model.cls_threshold).cpu().numpy()
+            gate = (torch.sigmoid(logits.float()) >= self.model.cfg.cls_threshold).cpu().numpy()
             with self._autocast():
                 emb = self.model.sam.encode(x)
             for thr in CAM_THRESHOLDS:
@@ -367,18 +399,8 @@ class Trainer:
                     masks, scores = self.model.sam.decode(emb, boxes.to(self.device), None, size=x.shape[-1])
                 best = SamBackbone.select_best(masks.float(), scores.float())[:, 0].cpu().numpy() > 0
                 for j, i in enumerate(idx):
-                    pred, gt = best[j] & gate[j], self.data.masks[i] > 0
-                    dices[thr].append(dice_score(pred, gt))
-        scores = {thr: float(np.mean(d)) for thr, d in dices.items()}
-        chosen = max(CAM_THRESHOLDS, key=lambda thr: (round(scores[thr], 6), thr == self.cfg.model.cam_threshold))
-        state["model"]["cam_threshold"] = chosen
-        save_atomic(state, best_path)
-        self.model.prompter.threshold = chosen
-        row = {"calibration": {"val_dice_by_cam_threshold": scores, "cam_threshold": chosen, "slices": len(present)}}
-        with open(self.out / "log.jsonl", "a") as log:
-            log.write(json.dumps(row) + "\n")
-        tqdm.write(f"CAM threshold {chosen} (validation Dice {scores[chosen]:.4f}; "
-                   + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")")
+                    dices[thr].append(dice_score(best[j] & gate[j], self.data.masks[i] > 0))
+        return dices
 
 
 def train(cfg: RunConfig, out: Path, cache_dir: Path | None = None) -> dict:
