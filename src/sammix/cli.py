@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16"],
-                   help="auto: fp32 (exact); int8: the CPU encoder's linear layers in int8, 1.4x faster, "
+                   help="auto: fp32 (exact); int8: the CPU encoder's linear layers in int8, about 1.5x faster, "
                         "not exact (docs/performance.md); bf16: GPU autocast")
 
     p = sub.add_parser("export", help="export a trained run (ONNX)")

@@ -103,15 +103,15 @@ def _checked_volume(data: np.ndarray, affine: np.ndarray, path: Path, has_spacin
         raise InputError(path, f"a 2D image (shape {data.shape}), not a 3D volume")
     if data.ndim != 3:
         raise InputError(path, f"{data.ndim}D data (shape {data.shape}), expected a 3D volume")
-    n_bad = int(np.count_nonzero(~np.isfinite(data)))
-    if n_bad:
-        raise InputError(path, f"contains {n_bad} NaN or infinite voxels")
+    if not np.isfinite(data).all():
+        raise InputError(path, f"contains {int(np.count_nonzero(~np.isfinite(data)))} NaN or infinite voxels")
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "invalid voxel-to-world affine (singular or not finite)")
     if np.allclose(affine, np.eye(4)):
         has_spacing = False  # an identity affine means "no geometry" (e.g. resampled crops), not 1 mm
-    return Volume(np.ascontiguousarray(data, dtype=np.float32), affine, path, has_spacing)
+    # no reordering copy (NIfTI arrays come in Fortran order): axial() makes its own contiguous copy
+    return Volume(np.asarray(data, dtype=np.float32), affine, path, has_spacing)
 
 
 def _read_nifti(path: Path) -> Volume:

@@ -11,7 +11,7 @@
   faster than fp32 PyTorch here but not exact, so not the default (docs/performance.md);
 * `backend="onnx"`: classifier + CAM, encoder and decoder through ONNX Runtime, from
   `export.export_model`: fp32, the same numbers, and the fastest exact engine on a CPU; with
-  `precision="int8"` the encoder's linear layers run in int8 (`export.quantize_encoder`): 1.4x
+  `precision="int8"` the encoder's linear layers run in int8 (`export.quantize_encoder`): 1.5x
   faster here, at the same Dice on the data measured (docs/performance.md), not exact.
 
 The model passed in is not modified.
