@@ -89,9 +89,8 @@ class Engine:
             if onnx_dir is None:
                 raise ValueError("backend 'onnx' needs onnx_dir (a folder written by export_model)")
             self.onnx_dir = Path(onnx_dir)
-            encoder = "encoder_int8" if self.precision == "int8" else "encoder"
-            self.sessions = {k: onnx_session(self.onnx_dir / FILES[f])
-                             for k, f in [("classifier", "classifier"), ("encoder", encoder), ("decoder", "decoder")]}
+            files = {**FILES, "encoder": FILES["encoder_int8" if self.precision == "int8" else "encoder"]}
+            self.sessions = {k: onnx_session(self.onnx_dir / files[k]) for k in ("classifier", "encoder", "decoder")}
             self.decoder_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         elif self.precision == "int8":
             raise ValueError("int8 runs through ONNX Runtime (backend 'onnx')")

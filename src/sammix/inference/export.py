@@ -226,9 +226,18 @@ def _export(module, args, path, names_in, names_out, dynamic_axes=None):
                           output_names=names_out, dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
-def _max_diff(session, feeds: dict, expected) -> float:
+def _outputs(session, feeds: dict, expected) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ONNX Runtime output, PyTorch reference) pairs for torch-tensor feeds."""
     got = session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
-    return max(float(np.abs(g - e.detach().cpu().numpy()).max()) for g, e in zip(got, expected))
+    return [(g, e.detach().cpu().numpy()) for g, e in zip(got, expected)]
+
+
+def _max_diff(session, feeds: dict, expected) -> float:
+    return max(float(np.abs(g - e).max()) for g, e in _outputs(session, feeds, expected))
+
+
+def _relative_error(session, feeds: dict, expected) -> float:
+    return max(float(np.linalg.norm(g - e) / np.linalg.norm(e)) for g, e in _outputs(session, feeds, expected))
 
 
 def export_model(model, out, key: str | None = None) -> Path:
@@ -277,7 +286,7 @@ def export_model(model, out, key: str | None = None) -> Path:
             "decoder": _max_diff(onnx_session(tmp / FILES["decoder"]),
                                  dict(zip(dec_names, dec_args)), dec_ref),
         }
-        int8_error = _relative_error(onnx_session(tmp / FILES["encoder_int8"]), {"slices": x1}, emb_ref)
+        int8_error = _relative_error(onnx_session(tmp / FILES["encoder_int8"]), {"slices": x1}, (emb_ref,))
         bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE[k]}
         if bad or not cam_diff <= TOLERANCE["classifier"]:
             raise SammixError(f"ONNX export does not match PyTorch (max abs diff {bad or {'cam': cam_diff}}, "
@@ -330,12 +339,6 @@ def quantize_encoder(src: Path, dst: Path) -> None:
     nodes = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                      op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes)
-
-
-def _relative_error(session, feeds: dict, expected: torch.Tensor) -> float:
-    (got,) = session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
-    ref = expected.detach().cpu().numpy()
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 def read_manifest(folder) -> dict | None:

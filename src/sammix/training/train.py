@@ -300,7 +300,8 @@ class Trainer:
         probs = self._probs(self.val_idx)
         gate = gate_threshold(probs[labels]) if t.calibrate_gate and labels.any() else self.cfg.model.cls_threshold
         self.model.set_thresholds(cls_threshold=gate)
-        called = dict(zip(self.val_idx, probs >= gate))
+        passed = probs >= gate
+        called = dict(zip(self.val_idx, passed))
         dices, ious = [], []
         labelled = [i for i in self.val_idx if self.data.has_mask[i]]
         keep = spread([i for i in labelled if self.data.labels[i]])
@@ -311,7 +312,7 @@ class Trainer:
                 gt = self.data.masks[i] > 0
                 dices.append(dice_score(out["masks"][j].numpy(), gt))
                 ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)) if out["present"][j] else 0.0)
-        result = {"val_cls_accuracy": float(np.mean((probs >= gate) == labels)), "val_gate_threshold": gate,
+        result = {"val_cls_accuracy": float(np.mean(passed == labels)), "val_gate_threshold": gate,
                   "val_dice": float(np.mean(dices)) if dices else float("nan"),
                   "val_cam_box_iou": float(np.mean(ious)) if ious else float("nan"), "val_slices_scored": len(dices)}
         if rejected:
