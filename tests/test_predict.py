@@ -86,14 +86,16 @@ class GroundTruthEngine:
         x = _to_model_input(volume_to_unit(axial, window), self.size)
         self.answers = {x[z].numpy().tobytes(): resize_mask(gt[z], self.size) for z in range(len(axial))}
         assert len(self.answers) == len(axial)
+        self.segmented = 0
 
-    def predict(self, x, gate=True):
-        masks = [self.answers[s.numpy().tobytes()] for s in x]
-        present = torch.tensor([m.any() for m in masks])
-        index = present.nonzero().flatten()
-        logits = torch.tensor(np.stack(masks)[index.numpy()].astype(np.float32) * 16.0 - 8.0)
-        return {"probs": present.float(), "present": present, "index": index, "logits": logits,
-                "scores": torch.ones(len(index))}
+    def gate_slices(self, x, gate=True):
+        present = torch.tensor([self.answers[s.numpy().tobytes()].any() for s in x])
+        return present.float(), present, None
+
+    def segment(self, x, cams):
+        self.segmented += len(x)
+        masks = np.stack([self.answers[s.numpy().tobytes()] for s in x])
+        return torch.tensor(masks.astype(np.float32) * 16.0 - 8.0), torch.ones(len(x)), torch.zeros(len(x), 4)
 
 
 def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
@@ -127,6 +129,47 @@ def test_the_real_totalsegmentator_liver_comes_back_in_place(shared_data):
     assert _dice(stored, gt) > 0.95  # 101 x 122 -> 256 x 256 -> back costs little
     shift = np.linalg.norm(_world_centroid(stored, volume.affine) - _world_centroid(gt, volume.affine))
     assert shift < 1.0  # mm; voxels are 3 mm
+
+
+# --- --slice-step: SAM on fewer slices, interpolation only where neighbours agree -----------------
+
+
+def _thin_slice_case(gt_axial_of=None):
+    hu, liver, affine = synthetic_ct((64, 56, 60), (1.5, 1.5, 1.0), seed=3)  # 1 mm slices: a smooth organ
+    volume = Volume(hu, affine, Path("synthetic"))
+    gt = volume.to_axial(liver) if gt_axial_of is None else gt_axial_of(volume.to_axial(liver))
+    return volume, volume.from_axial(gt.astype(np.uint8)), gt
+
+
+def _predict_with_step(volume, gt_stored, step):
+    engine = GroundTruthEngine(volume, gt_stored, (40.0, 400.0))
+    mask, facts = predict_axial(engine, volume.axial(), (40.0, 400.0), batch_size=5, slice_step=step)
+    assert engine.segmented == facts["segmented"].sum()
+    return mask, facts
+
+
+def test_slice_step_runs_sam_on_fewer_slices_of_a_smooth_organ():
+    volume, gt_stored, gt = _thin_slice_case()
+    every, facts1 = _predict_with_step(volume, gt_stored, 1)
+    sparse, facts4 = _predict_with_step(volume, gt_stored, 4)
+    present = np.flatnonzero(facts4["present"])
+    assert facts1["segmented"].sum() == len(present)
+    assert facts4["segmented"].sum() <= 0.65 * len(present)
+    assert facts4["segmented"][[present[0], present[-1]]].all()  # the organ's ends are always SAM's own
+    assert not facts4["segmented"][~facts4["present"]].any()
+    assert _dice(sparse, every) > 0.97 and _dice(sparse, gt) > 0.95
+    assert not sparse[~facts4["present"]].any()
+
+
+def test_slice_step_falls_back_to_sam_where_neighbours_disagree():
+    def drifting(gt):  # the organ moves 5 px per slice: no two slices' masks agree
+        return np.stack([np.roll(s, 5 * z, axis=1) for z, s in enumerate(gt)])
+
+    volume, gt_stored, _ = _thin_slice_case(drifting)
+    every, _ = _predict_with_step(volume, gt_stored, 1)
+    sparse, facts = _predict_with_step(volume, gt_stored, 4)
+    assert facts["segmented"].sum() == facts["present"].sum()
+    assert (sparse == every).all()
 
 
 def test_logits_are_resized_back_to_the_same_anatomy():
@@ -215,11 +258,15 @@ def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_p
 
 
 @pytest.mark.slow
-def test_predict_int8_from_the_command_line(run, tmp_path):
+def test_predict_int8_with_a_slice_step_from_the_command_line(run, tmp_path, capsys):
     ct = _small_ct(tmp_path)
-    assert main(["predict", "--run", str(run), str(ct), "-o", str(tmp_path / "out"), "--precision", "int8"]) == 0
+    assert main(["predict", "--run", str(run), str(ct), "-o", str(tmp_path / "out"), "--slice-step", "0"]) == 2
+    assert "--slice-step must be at least 1" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), str(ct), "-o", str(tmp_path / "out"), "--precision", "int8",
+                 "--slice-step", "2"]) == 0
     record = json.loads((tmp_path / "out" / "small.json").read_text())
     assert record["model"]["precision"] == "int8" and "encoder int8" in record["model"]["engine"]
+    assert record["slice_step"] == 2 and record["slices_segmented"] <= record["slices_classified_present"]
     assert nib.load(str(tmp_path / "out" / "small.nii.gz")).shape == nib.load(str(ct)).shape
 
 

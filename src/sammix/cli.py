@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16"],
                    help="auto: fp32 (exact); int8: the CPU encoder's linear layers in int8, about 1.5x faster, "
                         "not exact (docs/performance.md); bf16: GPU autocast")
+    p.add_argument("--slice-step", type=int, default=1,
+                   help="SAM sees every Nth organ slice; a slice between two that agree (mask Dice >= 0.9) "
+                        "is interpolated from them, otherwise SAM sees it too. 1 (default): every slice")
 
     p = sub.add_parser("export", help="export a trained run (ONNX)")
     p.add_argument("--run", type=Path, required=True)
@@ -155,7 +158,7 @@ def run(args) -> int:
         failures = predict_inputs(args.run, args.inputs, args.out, preview=args.preview,
                                   overwrite=args.overwrite, cleanup=not args.no_cleanup,
                                   batch_size=args.batch_size, window=args.window, device=args.device,
-                                  precision=args.precision)
+                                  precision=args.precision, slice_step=args.slice_step)
         return 1 if failures else 0
     if args.command == "export":
         from sammix.inference.export import export_onnx

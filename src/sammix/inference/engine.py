@@ -171,31 +171,39 @@ class Engine:
         return logits, scores
 
     # -- all together ---------------------------------------------------------------------------
+    def gate_slices(self, x: torch.Tensor, gate: bool = True):
+        """Slices (B,1,S,S) -> organ probabilities (B,), present (B,) bool, CAMs (B,S,S) or None
+        (the whole-image-box baselines have no classifier: every slice is present)."""
+        if self.full_box:
+            return torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool), None
+        probs, cams = self.classify(x.float().contiguous())
+        present = probs >= self.model.cfg.cls_threshold if gate else torch.ones_like(probs, dtype=torch.bool)
+        return probs, present, cams
+
+    def segment(self, x: torch.Tensor, cams: torch.Tensor | None):
+        """Present slices (P,1,S,S) and their CAMs -> SAM's best-mask logits (P,S,S), scores (P,)
+        and the boxes it was prompted with (P,4)."""
+        start = time.perf_counter()
+        if self.full_box:  # as SamMix.predict_slices with prompt "full_box": the whole-image box
+            boxes = torch.tensor([0.0, 0.0, self.size - 1.0, self.size - 1.0]).repeat(len(x), 1)
+            mask_prompts = None
+        else:
+            boxes, mask_prompts = self.model.prompter.prompts(cams)
+        self.times["prompts"] += time.perf_counter() - start
+        emb = self.encode(x.float().contiguous())
+        logits, scores = self.decode(emb, boxes, mask_prompts)
+        return logits, scores, boxes
+
     def predict(self, x: torch.Tensor, gate: bool = True) -> dict[str, torch.Tensor]:
         """Like `SamMix.predict_slices`, but SAM's best-mask *logits* (for resizing before the
         threshold) of the present slices only: {"probs", "present" (B,), "index" (P,) of the
         present slices, "logits" (P,S,S), "boxes" (P,4), "scores" (P,)}."""
-        x = x.float().contiguous()
-        b = len(x)
-        if self.full_box:  # as SamMix.predict_slices with prompt "full_box": every slice, whole-image box
-            probs, present = torch.ones(b), torch.ones(b, dtype=torch.bool)
-        else:
-            probs, cams = self.classify(x)
-            present = probs >= self.model.cfg.cls_threshold if gate else torch.ones_like(probs, dtype=torch.bool)
+        probs, present, cams = self.gate_slices(x, gate)
         index = present.nonzero().flatten()
         out = {"probs": probs, "present": present, "index": index,
                "logits": torch.zeros(0, self.size, self.size), "boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}
         if len(index):
-            start = time.perf_counter()
-            if self.full_box:
-                boxes = torch.tensor([0.0, 0.0, self.size - 1.0, self.size - 1.0]).repeat(len(index), 1)
-                mask_prompts = None
-            else:
-                boxes, mask_prompts = self.model.prompter.prompts(cams[index])
-            self.times["prompts"] += time.perf_counter() - start
-            emb = self.encode(x[index])
-            out["logits"], out["scores"] = self.decode(emb, boxes, mask_prompts)
-            out["boxes"] = boxes
+            out["logits"], out["scores"], out["boxes"] = self.segment(x[index], None if cams is None else cams[index])
         return out
 
     def predict_masks(self, x: torch.Tensor, gate: bool = True) -> np.ndarray:

@@ -33,6 +33,8 @@ from sammix.inference.engine import Engine
 
 USE_RUN = object()  # window argument: the run's own PrepConfig window
 _SUFFIXES = io.VOLUME_SUFFIXES + io.IMAGE2D_SUFFIXES
+# --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
+INTERPOLATE_MIN_DICE = 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,31 +90,84 @@ def _to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
 
 
+def _runs(present: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive True as (first, last) index pairs."""
+    edges = np.diff(np.concatenate([[0], present.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1))
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two slices' mask logits give masks with Dice >= INTERPOLATE_MIN_DICE (both empty agree)."""
+    a, b = a > 0, b > 0
+    total = int(a.sum() + b.sum())
+    return total == 0 or 2 * int((a & b).sum()) / total >= INTERPOLATE_MIN_DICE
+
+
 def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
-                  progress: tqdm | None = None, times: dict | None = None) -> tuple[np.ndarray, dict]:
+                  progress: tqdm | None = None, times: dict | None = None,
+                  slice_step: int = 1) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
-    and per-slice facts {"probs", "present", "scores"}."""
+    and per-slice facts {"probs", "present", "scores", "segmented"}.
+
+    `slice_step` > 1: in each run of consecutive organ slices SAM sees every slice_step-th slice
+    and the last; a slice between two that SAM saw gets their mask logits blended linearly in z
+    where the two masks agree (Dice >= INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle
+    slice and each half is treated the same way, down to neighbours."""
+    if slice_step < 1:
+        raise ValueError(f"slice_step must be >= 1, got {slice_step}")
     z, h, w = axial.shape
-    mask = np.zeros((z, h, w), dtype=bool)
-    probs, present, scores = np.zeros(z, np.float32), np.zeros(z, bool), np.zeros(z, np.float32)
+    size = engine.size
     times = {} if times is None else times
+    x = torch.empty(z, 1, size, size)
+    probs, present = np.zeros(z, np.float32), np.zeros(z, bool)
+    cams = None
     for start in range(0, z, batch_size):
         t0 = time.perf_counter()
-        part = axial[start:start + batch_size]
-        unit = volume_to_unit(part, window)
-        x = _to_model_input(unit, engine.size)
+        x[start:start + batch_size] = _to_model_input(volume_to_unit(axial[start:start + batch_size], window), size)
         times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
-        out = engine.predict(x, gate=gate)
-        t0 = time.perf_counter()
-        idx = out["index"].numpy()
-        mask[start + idx] = logits_to_native(out["logits"], (h, w))
-        probs[start:start + len(part)] = out["probs"].numpy()
-        present[start:start + len(part)] = out["present"].numpy()
-        scores[start + idx] = out["scores"].numpy()
-        times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
-        if progress is not None:
-            progress.update(len(part))
-    return mask, {"probs": probs, "present": present, "scores": scores}
+        p, keep, c = engine.gate_slices(x[start:start + batch_size], gate)
+        probs[start:start + len(p)], present[start:start + len(p)] = p.numpy(), keep.numpy()
+        if c is not None:
+            cams = torch.empty(z, size, size) if cams is None else cams
+            cams[start:start + len(c)] = c
+
+    logits, scores = torch.zeros(z, size, size), np.zeros(z, np.float32)
+    segmented = np.zeros(z, bool)
+
+    def run_sam(indices: list[int]) -> None:
+        for i in range(0, len(indices), batch_size):
+            chunk = torch.tensor(indices[i:i + batch_size])
+            lg, sc, _ = engine.segment(x[chunk], None if cams is None else cams[chunk])
+            logits[chunk], scores[chunk.numpy()] = lg, sc.numpy()
+            segmented[chunk.numpy()] = True
+            if progress is not None:
+                progress.update(len(chunk))
+
+    anchors = [[*range(first, last + 1, slice_step), last] for first, last in _runs(present)]
+    run_sam(sorted({i for run in anchors for i in run}))
+    gaps = [(a, b) for run in anchors for a, b in zip(run, run[1:]) if b - a > 1]
+    while gaps:
+        middles = []
+        for a, b in gaps:
+            if _agree(logits[a], logits[b]):
+                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
+                logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
+                scores[a + 1:b] = (1 - t.flatten().numpy()) * scores[a] + t.flatten().numpy() * scores[b]
+            else:
+                middles.append((a, (a + b) // 2, b))
+        run_sam([m for _, m, _ in middles])
+        gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
+    if progress is not None:
+        progress.update(z - int(segmented.sum()))
+
+    t0 = time.perf_counter()
+    mask = np.zeros((z, h, w), dtype=bool)
+    index = np.flatnonzero(present)
+    for i in range(0, len(index), batch_size):
+        chunk = index[i:i + batch_size]
+        mask[chunk] = logits_to_native(logits[chunk], (h, w))
+    times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
+    return mask, {"probs": probs, "present": present, "scores": scores, "segmented": segmented}
 
 
 def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):
@@ -143,12 +198,14 @@ def _environment(engine: Engine) -> dict:
 
 
 def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8, cleanup: bool = True,
-                   gate: bool = True, progress: tqdm | None = None, run=None, **engine_options):
+                   gate: bool = True, progress: tqdm | None = None, run=None, slice_step: int = 1,
+                   **engine_options):
     """A read `Volume` -> (uint8 mask on the volume's stored grid, record dict).
 
     `model`: a SamMix (an engine is made for it: `make_engine(model, **engine_options)`) or an
     `Engine` (made once, reused across volumes).
-    `window`: (level, width) or None (HU clipped to [0, 255]); default the run's own."""
+    `window`: (level, width) or None (HU clipped to [0, 255]); default the run's own.
+    `slice_step`: see `predict_axial` (1: SAM sees every organ slice)."""
     engine = _engine(model, **engine_options)
     window = _resolve_window(engine, window)
     engine.times.clear()
@@ -156,7 +213,7 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
     start = time.perf_counter()
     axial = volume.axial()
     times["reorient"] = time.perf_counter() - start
-    mask, facts = predict_axial(engine, axial, window, batch_size, gate, progress, times)
+    mask, facts = predict_axial(engine, axial, window, batch_size, gate, progress, times, slice_step)
     stored, mask = mask_to_stored(volume, mask, cleanup, times)
     times.update(engine.times)
     times["predict_total"] = time.perf_counter() - start
@@ -176,6 +233,8 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
         "organ_volume_ml": None if spacing is None else round(voxels * float(np.prod(spacing)) / 1000.0, 3),
         "slices": int(len(axial)),
         "slices_classified_present": int(facts["present"].sum()),
+        "slices_segmented": int(facts["segmented"].sum()),
+        "slice_step": int(slice_step),
         "slices_with_organ": int(len(with_organ)),
         "organ_slice_range": None if not len(with_organ) else [int(with_organ[0]), int(with_organ[-1])],
         "slice_order": "axial, index 0 the most inferior slice",
@@ -329,7 +388,7 @@ def _process(engine: Engine, path: Path, stem: str, out: Path, inputs: set[Path]
         slices = tqdm(total=volume.axial_shape()[0], desc=stem, unit="slice", leave=False, disable=bar.disable)
         try:
             mask, record = predict_volume(engine, volume, args["window"], args["batch_size"], args["cleanup"],
-                                          progress=slices, run=args["run"])
+                                          progress=slices, run=args["run"], slice_step=args["slice_step"])
         finally:
             slices.close()
         t0 = time.perf_counter()
@@ -385,7 +444,7 @@ def make_engine(model, run: Path | None = None, precision: str = "auto", backend
 
 def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = False, cleanup: bool = True,
                    batch_size: int = 8, window=None, device: str = "auto", precision: str = "auto",
-                   backend: str = "auto") -> int:
+                   backend: str = "auto", slice_step: int = 1) -> int:
     """Segment every input into `out`; returns the number of inputs that failed.
 
     run: a run folder or a SamMix; window None: the run's own window. backend "auto": ONNX Runtime
@@ -393,6 +452,8 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
     out = Path(out)
     if batch_size < 1:
         raise SammixError(f"--batch-size must be at least 1, got {batch_size}")
+    if slice_step < 1:
+        raise SammixError(f"--slice-step must be at least 1, got {slice_step}")
 
     def report(message: str) -> None:
         tqdm.write(f"sammix predict: error: {message}", file=sys.stderr)
@@ -414,7 +475,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
     model, run_path = load_for_inference(run, device)
     engine = make_engine(model, run_path, precision, backend)
     args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
-            "preview": preview, "run": run_path}
+            "preview": preview, "run": run_path, "slice_step": slice_step}
     inputs_set = _input_files(paths)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(todo, desc="predict", unit="input", disable=None)
