@@ -151,12 +151,13 @@ def work_naive(args) -> dict:
 
 def work_sammix(args, precision: str = "auto", slice_step: int = 1) -> dict:
     from sammix.data.io import read_volume, write_mask
-    from sammix.inference.predict import make_engine, predict_volume
+    from sammix.inference.predict import load_for_inference, make_engine, predict_volume
 
     t0 = time.perf_counter()
     peak = _mm_peak()
     t_mm = time.perf_counter() - t0
-    model, run = _load_sammix(args.run)
+    # as `sammix predict`: from the run's export (made by the "export" worker) without PyTorch's model
+    model, run = load_for_inference(args.run, "cpu", precision) if args.run else _load_sammix(None)
     engine = make_engine(model, run, precision)
     startup = _since_process_start() - t_mm
     start = time.perf_counter()

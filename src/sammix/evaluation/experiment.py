@@ -409,7 +409,8 @@ class Grid:
     # -- evaluation -------------------------------------------------------------------------
     def load_model(self, cell: Cell, run: Path):
         from sammix.models.baselines import NnUNetModel, SegNet
-        from sammix.models.sammix import SamMix, resolve_device
+        from sammix.config import resolve_device
+        from sammix.models.sammix import SamMix
 
         m = METHODS[cell.method]
         device = self.spec.train.device

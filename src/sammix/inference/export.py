@@ -190,20 +190,24 @@ def onnx_session(path, threads: int | None = None):
 # export
 
 
-def model_key(model) -> str:
-    """sha256 of what decides the exported graphs: the trained tensors, the base weights, the
-    architecture settings, S and the versions (not thresholds or window: those stay in Python)."""
+def state_key(state: dict, model_cfg, size: int) -> str:
+    """sha256 of what decides the exported graphs: the trained tensors (`SamMix.trained_state`, as a
+    run's weights file holds them), the base weights, the architecture settings, S and the versions
+    (not thresholds or window: those stay in Python)."""
     digest = hashlib.sha256()
-    state = model.trained_state()
     for part in ("classifier", "sam"):
         for name in sorted(state[part]):
             digest.update(name.encode())
             digest.update(state[part][name].detach().cpu().contiguous().numpy().tobytes())
-    arch = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in ("cls_threshold", "cam_threshold")}
-    digest.update(json.dumps({"base": state["base_weights"], "model": arch, "size": model.prep.size,
+    arch = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("cls_threshold", "cam_threshold")}
+    digest.update(json.dumps({"base": state["base_weights"], "model": arch, "size": size,
                               "sammix": __version__, "torch": torch.__version__, "opset": OPSET, "format": FORMAT},
                              sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def model_key(model) -> str:
+    return state_key(model.trained_state(), model.cfg, int(model.prep.size))
 
 
 def _sample_slices(size: int, n: int = 2) -> torch.Tensor:
@@ -352,21 +356,67 @@ def read_manifest(folder) -> dict | None:
     return manifest
 
 
+def find_export(key: str, run: Path | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The export whose key is `key`: RUN/onnx if it matches, else $SAMMIX_CACHE/onnx/<key>; or None."""
+    from sammix.data.cache import default_cache_dir
+
+    candidates = [Path(run) / "onnx"] if run is not None else []
+    for folder in [*candidates, Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]]:
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest.get("key") == key:
+            return folder
+    return None
+
+
 def cached_export(model, run: Path | None = None, cache_dir: Path | None = None, notify=None) -> Path:
     """The ONNX export of this exact model: RUN/onnx if it matches, else one in the cache
     ($SAMMIX_CACHE/onnx/<key>), written on first use (`notify(folder)` is called before)."""
     from sammix.data.cache import default_cache_dir
 
     key = model_key(model)
-    candidates = [Path(run) / "onnx"] if run is not None else []
+    found = find_export(key, run, cache_dir)
+    if found is not None:
+        return found
     cached = Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]
-    for folder in [*candidates, cached]:
-        manifest = read_manifest(folder)
-        if manifest is not None and manifest.get("key") == key:
-            return folder
     if notify is not None:
         notify(cached)
     return export_model(model, cached, key)
+
+
+class ExportedRun:
+    """A trained run served by its ONNX export alone (`load_exported`): what `Engine` (backend
+    "onnx") and `predict` read of a SamMix (settings, thresholds, CAM prompts), without building
+    the PyTorch model, so `sammix predict` starts seconds sooner."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, cfg, thresholds: dict, onnx_dir: Path):
+        from sammix.models.cam import CamPrompts
+
+        self.cfg = dataclasses.replace(cfg.model, **{k: float(v) for k, v in thresholds.items() if v is not None})
+        self.prep = cfg.prep
+        self.prompter = CamPrompts(self.cfg.cam_threshold, mask_mode=self.cfg.mask_prompt)
+        self.onnx_dir = Path(onnx_dir)
+
+    def eval(self) -> "ExportedRun":
+        return self
+
+
+def load_exported(run, weights: str | None = None) -> ExportedRun | None:
+    """The run as an `ExportedRun` when an export of its weights exists (RUN/onnx or the cache,
+    the same key `cached_export` uses), else None."""
+    from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, check_run_folder
+
+    run = check_run_folder(run, weights or BEST_WEIGHTS)
+    cfg = RunConfig.load(run / CONFIG_FILE)
+    state = torch.load(run / (weights or BEST_WEIGHTS), map_location="cpu", weights_only=False)
+    state = state.get("model", state)
+    if not all(part in state for part in ("classifier", "sam", "base_weights")):
+        return None
+    folder = find_export(state_key(state, cfg.model, int(cfg.prep.size)), run)
+    if folder is None:
+        return None
+    return ExportedRun(cfg, {k: state.get(k) for k in ("cls_threshold", "cam_threshold")}, folder)
 
 
 def export_onnx(run, out=None) -> Path:

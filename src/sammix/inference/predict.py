@@ -408,20 +408,33 @@ def _process(engine: Engine, path: Path, stem: str, out: Path, inputs: set[Path]
     return record
 
 
-def load_for_inference(run, device: str = "auto"):
-    """A run folder (or an already built SamMix) -> (SamMix, run path or None)."""
+def load_for_inference(run, device: str = "auto", precision: str = "auto", backend: str = "auto"):
+    """A run folder (or an already built SamMix) -> (model, run path or None).
+
+    Where the engine will be ONNX Runtime on the CPU and the run's export already exists, the
+    model is an `export.ExportedRun`: the graphs and settings, no PyTorch model built (nor its
+    libraries imported)."""
+    from sammix.config import resolve_device
+    from sammix.inference.export import load_exported
+
+    if not isinstance(run, (str, Path)):
+        return run.eval(), None
+    if backend in ("auto", "onnx") and precision in ("auto", "fp32", "int8") and resolve_device(device).type == "cpu":
+        exported = load_exported(run)
+        if exported is not None:
+            return exported, Path(run)
     from sammix.models.sammix import SamMix
 
-    if isinstance(run, SamMix):
-        return run.eval(), None
     return SamMix.load(run, device=device), Path(run)
 
 
 def make_engine(model, run: Path | None = None, precision: str = "auto", backend: str = "auto") -> Engine:
     """The engine for `precision`: on a CPU, ONNX Runtime (fp32, exact and the default; or int8);
     on a GPU, PyTorch (fp32 or bf16)."""
-    from sammix.inference.export import cached_export
+    from sammix.inference.export import ExportedRun, cached_export
 
+    if isinstance(model, ExportedRun):
+        return Engine(model, precision, "onnx", onnx_dir=model.onnx_dir)
     if precision == "int8" and model.device.type != "cpu":
         raise SammixError("--precision int8 runs on the CPU (ONNX Runtime); on a GPU use fp32 or bf16")
     if backend == "auto":
@@ -472,7 +485,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
         todo.append((path, stem))
     if not todo:
         return failures
-    model, run_path = load_for_inference(run, device)
+    model, run_path = load_for_inference(run, device, precision, backend)
     engine = make_engine(model, run_path, precision, backend)
     args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
             "preview": preview, "run": run_path, "slice_step": slice_step}

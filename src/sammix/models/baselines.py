@@ -21,11 +21,10 @@ import torch
 import yaml
 from torch import nn
 
-from sammix.config import PrepConfig, TrainConfig, YamlConfig
+from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, PrepConfig, TrainConfig, YamlConfig, check_run_folder,
+                            resolve_device)
 from sammix.errors import InputError, SammixError
 
-CONFIG_FILE = "config.yaml"
-BEST_WEIGHTS = "best.pt"
 ARCHS = ("unet", "swinunetr")
 ALL_LABELED = 0  # train.labeled == 0: every labelled training slice (full supervision)
 
@@ -139,8 +138,6 @@ class SegNet(nn.Module):
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SegNet":
-        from sammix.models.sammix import check_run_folder, resolve_device
-
         run = check_run_folder(run, weights)
         cfg = BaselineRunConfig.load(run / CONFIG_FILE)
         model = cls(cfg.net, cfg.prep)
@@ -205,8 +202,6 @@ def run_logged(cmd: list[str], env: dict, log: Path) -> None:
 
 
 def nnunet_device(name: str) -> str:
-    from sammix.models.sammix import resolve_device
-
     return "cuda" if resolve_device(name).type == "cuda" else "cpu"
 
 

@@ -124,7 +124,45 @@ def cam_to_mask_prompt(cam, threshold: float = 0.4, scale: float = 16.0, mode: s
     return m[0]
 
 
-class CamPrompter:
+class CamPrompts:
+    """SAM prompts from normalised CAMs: a box around the main blob above `threshold`, and a mask
+    prompt (`mask_mode` "soft", "blob", or "none": box only)."""
+
+    def __init__(self, threshold: float = 0.4, mask_scale: float = 16.0, mask_mode: str = "soft"):
+        if mask_mode not in ("soft", "blob", "none"):
+            raise SammixError(f"mask prompt mode must be soft, blob or none, got {mask_mode!r}")
+        self.threshold = threshold
+        self.mask_scale = mask_scale
+        self.mask_mode = mask_mode
+
+    def prompts(self, cams, present=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boxes (B, 4) float xyxy in slice pixels and mask prompts (B, 1, 256, 256) logits.
+
+        Slices marked not present (present[i] false) get the whole-slice box and an all-negative
+        mask prompt ("nothing here"); callers should still blank their output. With
+        mask_mode "none" the mask prompts are None (box only; SAM's no-mask embedding).
+        """
+        cams = cams.detach().cpu().numpy() if isinstance(cams, torch.Tensor) else np.asarray(cams)
+        if cams.ndim == 2:
+            cams = cams[None]
+        b, h, w = cams.shape
+        with_masks = self.mask_mode != "none"
+        present = np.ones(b, bool) if present is None else np.asarray(torch.as_tensor(present).cpu()).reshape(-1) > 0
+        boxes, masks = [], []
+        for i in range(b):
+            if present[i]:
+                boxes.append(cam_to_box(cams[i], self.threshold))
+                if with_masks:
+                    masks.append(cam_to_mask_prompt(cams[i], self.threshold, self.mask_scale, self.mask_mode))
+            else:
+                boxes.append(np.array([0, 0, w - 1, h - 1], dtype=np.float32))
+                if with_masks:
+                    masks.append(torch.full((1, MASK_PROMPT_SIZE, MASK_PROMPT_SIZE), -float(self.mask_scale)))
+        boxes = torch.as_tensor(np.stack(boxes), dtype=torch.float32)
+        return boxes, (torch.stack(masks) if with_masks else None)
+
+
+class CamPrompter(CamPrompts):
     """GradCAM of a SliceClassifier's "organ present" logit, and the SAM prompts made from it.
 
     A small hook implementation rather than monai.visualize.GradCAM: MONAI's keeps its hooks on
@@ -142,6 +180,7 @@ class CamPrompter:
         mask_scale: float = 16.0,
         mask_mode: str = "soft",
     ):
+        super().__init__(threshold, mask_scale, mask_mode)
         self.classifier = classifier
         self.layer = layer or classifier.default_cam_layer
         modules = dict(classifier.named_modules())
@@ -151,11 +190,6 @@ class CamPrompter:
                 f"classifier (its default is {getattr(classifier, 'default_cam_layer', None)!r})"
             )
         self.module = modules[self.layer]
-        if mask_mode not in ("soft", "blob", "none"):
-            raise SammixError(f"mask prompt mode must be soft, blob or none, got {mask_mode!r}")
-        self.threshold = threshold
-        self.mask_scale = mask_scale
-        self.mask_mode = mask_mode
 
     def compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One eval-mode forward: logits (B,) and CAMs (B, H, W) in [0, 1], both detached."""
@@ -190,28 +224,3 @@ class CamPrompter:
     def cams(self, x: torch.Tensor) -> torch.Tensor:
         return self.compute(x)[1]
 
-    def prompts(self, cams, present=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Boxes (B, 4) float xyxy in slice pixels and mask prompts (B, 1, 256, 256) logits.
-
-        Slices marked not present (present[i] false) get the whole-slice box and an all-negative
-        mask prompt ("nothing here"); callers should still blank their output. With
-        mask_mode "none" the mask prompts are None (box only; SAM's no-mask embedding).
-        """
-        cams = cams.detach().cpu().numpy() if isinstance(cams, torch.Tensor) else np.asarray(cams)
-        if cams.ndim == 2:
-            cams = cams[None]
-        b, h, w = cams.shape
-        with_masks = self.mask_mode != "none"
-        present = np.ones(b, bool) if present is None else np.asarray(torch.as_tensor(present).cpu()).reshape(-1) > 0
-        boxes, masks = [], []
-        for i in range(b):
-            if present[i]:
-                boxes.append(cam_to_box(cams[i], self.threshold))
-                if with_masks:
-                    masks.append(cam_to_mask_prompt(cams[i], self.threshold, self.mask_scale, self.mask_mode))
-            else:
-                boxes.append(np.array([0, 0, w - 1, h - 1], dtype=np.float32))
-                if with_masks:
-                    masks.append(torch.full((1, MASK_PROMPT_SIZE, MASK_PROMPT_SIZE), -float(self.mask_scale)))
-        boxes = torch.as_tensor(np.stack(boxes), dtype=torch.float32)
-        return boxes, (torch.stack(masks) if with_masks else None)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sammix.config import ModelConfig, PrepConfig, RunConfig
+from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, ModelConfig, PrepConfig, RunConfig, check_run_folder,
+                            resolve_device)
 from sammix.errors import InputError
 from sammix.models.cam import CamPrompter
 from sammix.models.classifier import build_classifier
@@ -25,28 +26,6 @@ from sammix.models.sam import (
     load_trainable_state_dict,
     trainable_state_dict,
 )
-
-CONFIG_FILE = "config.yaml"
-BEST_WEIGHTS = "best.pt"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda", "CUDA was asked for but torch sees no GPU")
-    return torch.device(name)
-
-
-def check_run_folder(run: Path | str, weights: str = BEST_WEIGHTS) -> Path:
-    """The run folder as a Path, once it holds a config and the weights (else a one-line error)."""
-    run = Path(run)
-    if not (run / CONFIG_FILE).is_file():
-        raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
-    if not (run / weights).is_file():
-        raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
-    return run
-
 
 class SamMix(nn.Module):
     def __init__(self, model: ModelConfig | None = None, prep: PrepConfig | None = None):

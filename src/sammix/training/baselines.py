@@ -22,10 +22,10 @@ from tqdm import tqdm
 from sammix.data.io import atomic_path
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
-from sammix.models.baselines import (ALL_LABELED, BEST_WEIGHTS, CONFIG_FILE, NNUNET_DATASET, NNUNET_DATASET_ID,
+from sammix.config import BEST_WEIGHTS, CONFIG_FILE, resolve_device
+from sammix.models.baselines import (ALL_LABELED, NNUNET_DATASET, NNUNET_DATASET_ID,
                                      NNUNET_DONE, BaselineRunConfig, NnUNetRunConfig, SegNet, nnunet_command,
                                      nnunet_device, nnunet_env, run_logged)
-from sammix.models.sammix import resolve_device
 from sammix.training.augment import random_affine, random_intensity
 from sammix.training.losses import segmentation_loss
 from sammix.training.slices import load_sources

@@ -25,7 +25,8 @@ from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
 from sammix.models.cam import box_iou, cam_to_box, mask_to_box
 from sammix.models.sam import SamBackbone
-from sammix.models.sammix import BEST_WEIGHTS, CONFIG_FILE, SamMix, resolve_device
+from sammix.config import BEST_WEIGHTS, CONFIG_FILE, resolve_device
+from sammix.models.sammix import SamMix
 from sammix.training.augment import random_affine, random_intensity
 from sammix.models.classifier import classification_loss
 from sammix.training.losses import segmentation_loss
