@@ -103,6 +103,39 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
     return total == 0 or 2 * int((a & b).sum()) / total >= INTERPOLATE_MIN_DICE
 
 
+def _segment_stepped(engine: Engine, x: torch.Tensor, cams: torch.Tensor | None, present: np.ndarray,
+                     slice_step: int, batch_size: int, progress: tqdm | None):
+    """SAM on the present slices, or on every slice_step-th of them with interpolation between
+    (`predict_axial`) -> mask logits (Z,S,S), scores (Z,), which slices SAM saw (Z,) bool."""
+    logits, scores = torch.zeros(x.shape[0], engine.size, engine.size), np.zeros(x.shape[0], np.float32)
+    segmented = np.zeros(x.shape[0], bool)
+
+    def run_sam(indices: list[int]) -> None:
+        for i in range(0, len(indices), batch_size):
+            chunk = torch.tensor(indices[i:i + batch_size])
+            lg, sc, _ = engine.segment(x[chunk], None if cams is None else cams[chunk])
+            logits[chunk], scores[chunk.numpy()] = lg, sc.numpy()
+            segmented[chunk.numpy()] = True
+            if progress is not None:
+                progress.update(len(chunk))
+
+    anchors = [[*range(first, last + 1, slice_step), last] for first, last in _runs(present)]
+    run_sam(sorted({i for run in anchors for i in run}))
+    gaps = [(a, b) for run in anchors for a, b in zip(run, run[1:]) if b - a > 1]
+    while gaps:
+        middles = []
+        for a, b in gaps:
+            if _agree(logits[a], logits[b]):
+                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1]
+                logits[a + 1:b] = (1 - t[:, None, None]) * logits[a] + t[:, None, None] * logits[b]
+                scores[a + 1:b] = (1 - t.numpy()) * scores[a] + t.numpy() * scores[b]
+            else:
+                middles.append((a, (a + b) // 2, b))
+        run_sam([m for _, m, _ in middles])
+        gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
+    return logits, scores, segmented
+
+
 def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
                   progress: tqdm | None = None, times: dict | None = None,
                   slice_step: int = 1) -> tuple[np.ndarray, dict]:
@@ -121,7 +154,7 @@ def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8
     x = torch.empty(z, 1, size, size)
     probs, present = np.zeros(z, np.float32), np.zeros(z, bool)
     cams = None
-    for start in range(0, z, batch_size):
+    for start in range(0, z, batch_size):  # the gate and the CAMs of the whole volume first
         t0 = time.perf_counter()
         x[start:start + batch_size] = _to_model_input(volume_to_unit(axial[start:start + batch_size], window), size)
         times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
@@ -130,33 +163,7 @@ def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8
         if c is not None:
             cams = torch.empty(z, size, size) if cams is None else cams
             cams[start:start + len(c)] = c
-
-    logits, scores = torch.zeros(z, size, size), np.zeros(z, np.float32)
-    segmented = np.zeros(z, bool)
-
-    def run_sam(indices: list[int]) -> None:
-        for i in range(0, len(indices), batch_size):
-            chunk = torch.tensor(indices[i:i + batch_size])
-            lg, sc, _ = engine.segment(x[chunk], None if cams is None else cams[chunk])
-            logits[chunk], scores[chunk.numpy()] = lg, sc.numpy()
-            segmented[chunk.numpy()] = True
-            if progress is not None:
-                progress.update(len(chunk))
-
-    anchors = [[*range(first, last + 1, slice_step), last] for first, last in _runs(present)]
-    run_sam(sorted({i for run in anchors for i in run}))
-    gaps = [(a, b) for run in anchors for a, b in zip(run, run[1:]) if b - a > 1]
-    while gaps:
-        middles = []
-        for a, b in gaps:
-            if _agree(logits[a], logits[b]):
-                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
-                logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
-                scores[a + 1:b] = (1 - t.flatten().numpy()) * scores[a] + t.flatten().numpy() * scores[b]
-            else:
-                middles.append((a, (a + b) // 2, b))
-        run_sam([m for _, m, _ in middles])
-        gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
+    logits, scores, segmented = _segment_stepped(engine, x, cams, present, slice_step, batch_size, progress)
     if progress is not None:
         progress.update(z - int(segmented.sum()))
 
