@@ -63,6 +63,11 @@ class ModelConfig:
     cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
 
+    def with_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None):
+        """This config with the gate and CAM thresholds replaced; None keeps the current one."""
+        given = {"cls_threshold": cls_threshold, "cam_threshold": cam_threshold}
+        return dataclasses.replace(self, **{k: float(v) for k, v in given.items() if v is not None})
+
 
 @dataclass
 class TrainConfig:

@@ -356,12 +356,16 @@ def read_manifest(folder) -> dict | None:
     return manifest
 
 
-def find_export(key: str, run: Path | None = None, cache_dir: Path | None = None) -> Path | None:
-    """The export whose key is `key`: RUN/onnx if it matches, else $SAMMIX_CACHE/onnx/<key>; or None."""
+def _cache_folder(key: str, cache_dir: Path | None = None) -> Path:
     from sammix.data.cache import default_cache_dir
 
+    return Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]
+
+
+def find_export(key: str, run: Path | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The export whose key is `key`: RUN/onnx if it matches, else $SAMMIX_CACHE/onnx/<key>; or None."""
     candidates = [Path(run) / "onnx"] if run is not None else []
-    for folder in [*candidates, Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]]:
+    for folder in [*candidates, _cache_folder(key, cache_dir)]:
         manifest = read_manifest(folder)
         if manifest is not None and manifest.get("key") == key:
             return folder
@@ -371,13 +375,11 @@ def find_export(key: str, run: Path | None = None, cache_dir: Path | None = None
 def cached_export(model, run: Path | None = None, cache_dir: Path | None = None, notify=None) -> Path:
     """The ONNX export of this exact model: RUN/onnx if it matches, else one in the cache
     ($SAMMIX_CACHE/onnx/<key>), written on first use (`notify(folder)` is called before)."""
-    from sammix.data.cache import default_cache_dir
-
     key = model_key(model)
     found = find_export(key, run, cache_dir)
     if found is not None:
         return found
-    cached = Path(cache_dir or default_cache_dir()) / "onnx" / key[:20]
+    cached = _cache_folder(key, cache_dir)
     if notify is not None:
         notify(cached)
     return export_model(model, cached, key)
@@ -390,10 +392,10 @@ class ExportedRun:
 
     device = torch.device("cpu")
 
-    def __init__(self, cfg, thresholds: dict, onnx_dir: Path):
+    def __init__(self, cfg, weights: dict, onnx_dir: Path):
         from sammix.models.cam import CamPrompts
 
-        self.cfg = dataclasses.replace(cfg.model, **{k: float(v) for k, v in thresholds.items() if v is not None})
+        self.cfg = cfg.model.with_thresholds(weights.get("cls_threshold"), weights.get("cam_threshold"))
         self.prep = cfg.prep
         self.prompter = CamPrompts(self.cfg.cam_threshold, mask_mode=self.cfg.mask_prompt)
         self.onnx_dir = Path(onnx_dir)
@@ -402,21 +404,19 @@ class ExportedRun:
         return self
 
 
-def load_exported(run, weights: str | None = None) -> ExportedRun | None:
-    """The run as an `ExportedRun` when an export of its weights exists (RUN/onnx or the cache,
-    the same key `cached_export` uses), else None."""
+def load_exported(run) -> ExportedRun | None:
+    """The run as an `ExportedRun` when an export of its best weights exists (RUN/onnx or the
+    cache, the same key `cached_export` uses), else None."""
     from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, check_run_folder
 
-    run = check_run_folder(run, weights or BEST_WEIGHTS)
+    run = check_run_folder(run)
     cfg = RunConfig.load(run / CONFIG_FILE)
-    state = torch.load(run / (weights or BEST_WEIGHTS), map_location="cpu", weights_only=False)
-    state = state.get("model", state)
-    if not all(part in state for part in ("classifier", "sam", "base_weights")):
+    weights = torch.load(run / BEST_WEIGHTS, map_location="cpu", weights_only=False)
+    weights = weights.get("model", weights)
+    if not all(part in weights for part in ("classifier", "sam", "base_weights")):
         return None
-    folder = find_export(state_key(state, cfg.model, int(cfg.prep.size)), run)
-    if folder is None:
-        return None
-    return ExportedRun(cfg, {k: state.get(k) for k in ("cls_threshold", "cam_threshold")}, folder)
+    folder = find_export(state_key(weights, cfg.model, int(cfg.prep.size)), run)
+    return None if folder is None else ExportedRun(cfg, weights, folder)
 
 
 def export_onnx(run, out=None) -> Path:

@@ -106,15 +106,14 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _segment_stepped(engine: Engine, x: torch.Tensor, cams: torch.Tensor | None, present: np.ndarray,
                      slice_step: int, batch_size: int, progress: tqdm | None):
     """SAM on the present slices, or on every slice_step-th of them with interpolation between
-    (`predict_axial`) -> mask logits (Z,S,S), scores (Z,), which slices SAM saw (Z,) bool."""
-    logits, scores = torch.zeros(x.shape[0], engine.size, engine.size), np.zeros(x.shape[0], np.float32)
+    (`predict_axial`) -> mask logits (Z,S,S) and which slices SAM saw (Z,) bool."""
+    logits = torch.zeros(x.shape[0], engine.size, engine.size)
     segmented = np.zeros(x.shape[0], bool)
 
     def run_sam(indices: list[int]) -> None:
         for i in range(0, len(indices), batch_size):
             chunk = torch.tensor(indices[i:i + batch_size])
-            lg, sc, _ = engine.segment(x[chunk], None if cams is None else cams[chunk])
-            logits[chunk], scores[chunk.numpy()] = lg, sc.numpy()
+            logits[chunk] = engine.segment(x[chunk], None if cams is None else cams[chunk])[0]
             segmented[chunk.numpy()] = True
             if progress is not None:
                 progress.update(len(chunk))
@@ -126,21 +125,20 @@ def _segment_stepped(engine: Engine, x: torch.Tensor, cams: torch.Tensor | None,
         middles = []
         for a, b in gaps:
             if _agree(logits[a], logits[b]):
-                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1]
-                logits[a + 1:b] = (1 - t[:, None, None]) * logits[a] + t[:, None, None] * logits[b]
-                scores[a + 1:b] = (1 - t.numpy()) * scores[a] + t.numpy() * scores[b]
+                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
+                logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
             else:
                 middles.append((a, (a + b) // 2, b))
         run_sam([m for _, m, _ in middles])
         gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
-    return logits, scores, segmented
+    return logits, segmented
 
 
 def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
                   progress: tqdm | None = None, times: dict | None = None,
                   slice_step: int = 1) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
-    and per-slice facts {"probs", "present", "scores", "segmented"}.
+    and per-slice facts {"probs", "present", "segmented"}.
 
     `slice_step` > 1: in each run of consecutive organ slices SAM sees every slice_step-th slice
     and the last; a slice between two that SAM saw gets their mask logits blended linearly in z
@@ -163,7 +161,7 @@ def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8
         if c is not None:
             cams = torch.empty(z, size, size) if cams is None else cams
             cams[start:start + len(c)] = c
-    logits, scores, segmented = _segment_stepped(engine, x, cams, present, slice_step, batch_size, progress)
+    logits, segmented = _segment_stepped(engine, x, cams, present, slice_step, batch_size, progress)
     if progress is not None:
         progress.update(z - int(segmented.sum()))
 
@@ -174,7 +172,7 @@ def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8
         chunk = index[i:i + batch_size]
         mask[chunk] = logits_to_native(logits[chunk], (h, w))
     times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
-    return mask, {"probs": probs, "present": present, "scores": scores, "segmented": segmented}
+    return mask, {"probs": probs, "present": present, "segmented": segmented}
 
 
 def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):

@@ -7,7 +7,6 @@ No human prompt is needed.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,8 +133,7 @@ class SamMix(nn.Module):
 
     def set_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None) -> None:
         """Set the gate (classifier) and CAM thresholds; None keeps the current one."""
-        given = {"cls_threshold": cls_threshold, "cam_threshold": cam_threshold}
-        self.cfg = replace(self.cfg, **{k: float(v) for k, v in given.items() if v is not None})
+        self.cfg = self.cfg.with_thresholds(cls_threshold, cam_threshold)
         self.prompter.threshold = self.cfg.cam_threshold
 
     @classmethod

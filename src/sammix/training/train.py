@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sammix.config import RunConfig
+from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, resolve_device
 from sammix.data.io import atomic_path
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
 from sammix.models.cam import box_iou, cam_to_box, mask_to_box
 from sammix.models.sam import SamBackbone
-from sammix.config import BEST_WEIGHTS, CONFIG_FILE, resolve_device
 from sammix.models.sammix import SamMix
 from sammix.training.augment import random_affine, random_intensity
 from sammix.models.classifier import classification_loss
@@ -287,8 +286,8 @@ class Trainer:
         `calibrate_gate` is off); then, at that gate: classifier accuracy on every validation
         slice; Dice and CAM-box IoU on (at most `val_max_slices`) organ-present validation slices;
         and, where validation cases have organ-free slices (volumes), the share of (at most
-        `val_max_slices`) of them the gate rejects. `val_score`, which picks the best checkpoint, averages the Dice of the organ
-        slices with 1 per rejected and 0 per passed organ-free slice (an organ-free slice scores
+        `val_max_slices`) of them the gate rejects. `val_score`, which picks the best checkpoint,
+        averages the Dice of the organ slices with 1 per rejected and 0 per passed organ-free slice (an organ-free slice scores
         Dice 1 only when the prediction is empty)."""
         t = self.cfg.train
         if len(self.val_idx) == 0:
