@@ -200,6 +200,7 @@ def work_accuracy(args) -> dict:
     from sammix.inference.engine import Engine
     from sammix.inference.export import cached_export
     from sammix.inference.predict import _to_model_input, logits_to_native
+    from sammix.models.inferer import SliceInferer
 
     model, run = _load_sammix(args.run)
     volume = read_volume(args.input)
@@ -212,9 +213,10 @@ def work_accuracy(args) -> dict:
                "onnx-int8": Engine(model, "int8", "onnx", onnx_dir=cached_export(model, run))}
     out, result = {}, {"slices": len(picks)}
     for name, engine in engines.items():
-        engine.predict(x[:1], gate=False)  # warm up
+        inferer = SliceInferer(engine)
+        inferer.predict(x[:1], gate=False)  # warm up
         engine.times.clear()
-        res = engine.predict(x, gate=False)
+        res = inferer.predict(x, gate=False)
         out[name] = res
         masks = logits_to_native(res["logits"], axial.shape[1:])
         result[name] = {"encoder_s_per_slice": engine.times["sam_encoder"] / len(picks),

@@ -49,8 +49,10 @@ def main() -> None:
 
     from sammix.data.io import read_volume
     from sammix.inference.predict import load_for_inference, make_engine, mask_to_stored, predict_axial
+    from sammix.models.inferer import SliceInferer
 
     engine = make_engine(*load_for_inference(args.run, "cpu", args.precision), precision=args.precision)
+    inferer = SliceInferer(engine)
     steps = [int(s) for s in args.steps.split(",")]
     if steps[0] != 1:
         raise SystemExit("--steps must start with 1 (the reference)")
@@ -64,7 +66,7 @@ def main() -> None:
             reference = None
             for step in steps:
                 start = time.perf_counter()
-                mask, facts = predict_axial(engine, axial, engine.model.prep.window, slice_step=step)
+                mask, facts = predict_axial(inferer, axial, engine.model.prep.window, slice_step=step)
                 _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
                 seconds = time.perf_counter() - start
                 reference = mask if reference is None else reference

@@ -15,6 +15,7 @@ from sammix.data.preprocess import resize_image, volume_to_unit
 from sammix.data.synthetic import synthetic_ct
 from sammix.inference.engine import Engine
 from sammix.inference.export import FILES, INT8_MAX_REL_ERROR, TOLERANCE, model_key, onnx_session
+from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
 
 pytestmark = pytest.mark.slow  # the real pretrained models
@@ -91,7 +92,7 @@ def reference(model, slices) -> dict:
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_fast_engines_give_the_masks_of_predict_slices(run, model, slices, reference, backend):
     engine = Engine(model, "fp32", backend, onnx_dir=run / "onnx" if backend == "onnx" else None)
-    masks = engine.predict_masks(slices[:2], gate=False)
+    masks = SliceInferer(engine).predict_masks(slices[:2], gate=False)
     assert reference["masks"].any()
     agree = (masks == reference["masks"].numpy()).mean()
     assert agree > 0.9995, agree  # a few threshold pixels may flip with float rounding
@@ -107,7 +108,7 @@ def test_int8_engine_stays_close_to_fp32(run, model, slices, reference):
     emb, ref = engine.encode(slices[:2]), fp32.encode(slices[:2])
     error = float((emb - ref).norm() / ref.norm())
     assert 0 < error <= INT8_MAX_REL_ERROR, error
-    masks, expected = engine.predict_masks(slices[:2], gate=False), reference["masks"].numpy()
+    masks, expected = SliceInferer(engine).predict_masks(slices[:2], gate=False), reference["masks"].numpy()
     dice = 2 * (masks & expected).sum() / (masks.sum() + expected.sum())
     assert dice > 0.95, dice
     with pytest.raises(ValueError, match="ONNX Runtime"):
@@ -123,7 +124,7 @@ def test_torch_engine_follows_the_prompt_settings(model, slices, setting, value)
         model.prompter.mask_mode = value
     try:
         ref = model.predict_slices(slices[1:2], gate=False)
-        masks = Engine(model, "fp32", "torch").predict_masks(slices[1:2], gate=False)
+        masks = SliceInferer(Engine(model, "fp32", "torch")).predict_masks(slices[1:2], gate=False)
     finally:
         setattr(model.cfg, setting, saved[0])
         model.prompter.mask_mode = saved[1]

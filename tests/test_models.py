@@ -14,15 +14,8 @@ import torch.nn.functional as F
 
 from sammix.config import ModelConfig
 from sammix.errors import InputError, SammixError
-from sammix.models.cam import (
-    CamPrompter,
-    box_iou,
-    cam_to_box,
-    cam_to_mask_prompt,
-    expand_box,
-    main_component,
-    mask_to_box,
-)
+from sammix.masks import box_iou, expand_box, mask_to_box
+from sammix.models.cam import CamPrompter, cam_to_box, cam_to_mask_prompt, main_component
 from sammix.models.classifier import SliceClassifier, build_classifier, classification_loss
 
 SHARED = Path(__file__).parents[2] / "shared/data"

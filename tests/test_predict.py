@@ -17,12 +17,14 @@ import yaml
 from PIL import Image
 
 from sammix.cli import main
+from sammix.config import ModelConfig
 from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_mask
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
 from sammix.inference.export import ExportedRun, model_key, state_key
 from sammix.inference.predict import (_to_model_input, clean_mask, load_for_inference, logits_to_native, make_engine,
                                       mask_to_stored, predict_axial, predict_volume)
+from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
 
 
@@ -74,36 +76,47 @@ def _world_centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 # --- the way back: model-resolution masks land where the organ is ------------------------------
 
 
-class GroundTruthEngine:
-    """Stands in for the model in `predict_axial`: it answers each slice it is given with that
-    slice's ground-truth mask at model resolution (the slice is recognised by its pixels). What is
-    under test is everything around the model: windowing, resizing, batching, slice bookkeeping,
-    resizing back, clean-up and the return to the stored grid."""
+class GroundTruthBackend:
+    """Stands in for the model behind `predict_axial`'s SliceInferer: it answers each slice it
+    is given with that slice's ground-truth mask at model resolution (the slice is recognised by
+    its pixels). What is under test is everything around the model: windowing, resizing,
+    batching, slice bookkeeping, resizing back, clean-up and the return to the stored grid."""
 
     size = 256
+    cfg = ModelConfig()
 
     def __init__(self, volume: Volume, mask_stored: np.ndarray, window):
         axial, gt = volume.axial(), volume.to_axial(mask_stored)
         from sammix.data.preprocess import volume_to_unit
 
         x = _to_model_input(volume_to_unit(axial, window), self.size)
-        self.answers = {x[z].numpy().tobytes(): resize_mask(gt[z], self.size) for z in range(len(axial))}
-        assert len(self.answers) == len(axial)
+        self.keys = {x[z].numpy().tobytes(): z for z in range(len(axial))}
+        self.answers = [resize_mask(gt[z], self.size) for z in range(len(axial))]
+        assert len(self.keys) == len(axial)
         self.segmented = 0
 
-    def gate_slices(self, x, gate=True):
-        present = torch.tensor([self.answers[s.numpy().tobytes()].any() for s in x])
-        return present.float(), present, None
+    def classify(self, x):
+        present = torch.tensor([self.answers[self.keys[s.numpy().tobytes()]].any() for s in x])
+        return present.float(), torch.zeros(len(x), self.size, self.size)
 
-    def segment(self, x, cams):
+    def encode(self, x):  # the "embedding" is the slice's index
         self.segmented += len(x)
-        masks = np.stack([self.answers[s.numpy().tobytes()] for s in x])
-        return torch.tensor(masks.astype(np.float32) * 16.0 - 8.0), torch.ones(len(x)), torch.zeros(len(x), 4)
+        return torch.tensor([self.keys[s.numpy().tobytes()] for s in x])
+
+    def decode(self, emb, boxes, mask_prompts):
+        masks = torch.from_numpy(np.stack([self.answers[int(z)] for z in emb]).astype(np.float32))
+        logits = (masks * 16.0 - 8.0)[:, None].repeat(1, 3, 1, 1)
+        return logits, torch.tensor([[1.0, 0.5, 0.5]]).repeat(len(emb), 1)
+
+
+def _gt_inferer(volume, gt_stored):
+    backend = GroundTruthBackend(volume, gt_stored, (40.0, 400.0))
+    return SliceInferer(backend), backend
 
 
 def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
-    engine = GroundTruthEngine(volume, gt_stored, (40.0, 400.0))
-    mask_axial, facts = predict_axial(engine, volume.axial(), (40.0, 400.0), batch_size=batch_size)
+    inferer, _ = _gt_inferer(volume, gt_stored)
+    mask_axial, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=batch_size)
     stored, _ = mask_to_stored(volume, mask_axial, cleanup=True)
     assert facts["present"].sum() == volume.to_axial(gt_stored).any(axis=(1, 2)).sum()
     return stored
@@ -145,9 +158,9 @@ def _thin_slice_case(gt_axial_of=None):
 
 
 def _predict_with_step(volume, gt_stored, step):
-    engine = GroundTruthEngine(volume, gt_stored, (40.0, 400.0))
-    mask, facts = predict_axial(engine, volume.axial(), (40.0, 400.0), batch_size=5, slice_step=step)
-    assert engine.segmented == facts["segmented"].sum()
+    inferer, backend = _gt_inferer(volume, gt_stored)
+    mask, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=5, slice_step=step)
+    assert backend.segmented == facts["segmented"].sum()
     return mask, facts
 
 

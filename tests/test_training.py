@@ -192,7 +192,7 @@ def test_a_single_case_run_without_validation_still_keeps_best_weights(tmp_path)
 
 
 def test_jittered_truth_boxes_surround_the_organ_loosely():
-    from sammix.models.cam import box_iou, mask_to_box
+    from sammix.masks import box_iou, mask_to_box
     from sammix.training.train import jittered_truth_boxes
 
     masks = torch.zeros(200, 1, 64, 64)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sammix import viz
+from sammix.masks import mask_to_box
 
 SLICES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lits-slices"
 
@@ -80,20 +81,13 @@ def test_cam_figure(slices, tmp_path):
     image, gt = slices[0][0], slices[1][0]
     cam = np.zeros((8, 8), np.float32)
     cam[2:5, 1:4] = 1.0
-    x0, y0, x1, y1 = viz.mask_box(gt)
+    x0, y0, x1, y1 = mask_to_box(gt)
     rgb = _png(viz.cam_figure(image, cam, (x0 + 3, y0 - 2, x1 - 4, y1 + 2), tmp_path / "c.png",
                               gt_mask=gt, pred=_shifted(gt, 3), panel_px=96))
     assert rgb.shape[:2] == (22 + 96 + 22, 2 * 96 + 2)
     assert _pixels_near(rgb, viz.BOX_COLOR) > 20
     # No box and no masks is a valid figure too (the CAM found nothing).
     assert _png(viz.cam_figure(image, cam * 0, None, tmp_path / "c0.png", panel_px=96)).shape[:2] == (140, 194)
-
-
-def test_mask_box_is_inclusive_xyxy():
-    m = np.zeros((10, 12), np.uint8)
-    m[2:5, 3:9] = 1
-    assert viz.mask_box(m) == (3, 2, 8, 4)
-    assert viz.mask_box(m * 0) is None
 
 
 def test_dice_boxplot(tmp_path):

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from sammix.data.io import atomic_path
+from sammix.masks import dice_score, mask_to_box
 
 DPI = 100
 GAP = 2  # pixels between slice panels
@@ -43,22 +44,6 @@ def to_unit(image: np.ndarray) -> np.ndarray:
         image = (image - (level - width / 2)) / width
     return np.clip(image, 0.0, 1.0)
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
-
-
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) pixel bounds of a mask, inclusive; None for an empty mask."""
-    ys, xs = np.nonzero(np.asarray(mask))
-    if ys.size == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-
-
-# --------------------------------------------------------------------------------------- layout
 
 def _panel_grid(rows: int, cols: int, panel: int, top: int = 0, bottom: int = 0):
     """A figure of rows x cols image panels placed to the pixel; returns (fig, axes[r][c])."""
@@ -158,7 +143,7 @@ def overlay_montage(images, masks, path, pred=None, titles=None, max_panels: int
         if titles is not None:
             _label(ax, str(titles[i]))
         if has_gt and has_pred:
-            _label(ax, f"Dice {dice(masks[i], pred[i]):.3f}", corner="bottom")
+            _label(ax, f"Dice {dice_score(masks[i], pred[i]):.3f}", corner="bottom")
     _legend(fig, has_gt, has_pred)
     return _save(fig, path)
 
@@ -172,7 +157,7 @@ def cam_figure(image, cam, box, path, gt_mask=None, pred=None, panel_px: int = 3
     fig, ((left, right),) = _panel_grid(1, 2, panel_px, top=BAND, bottom=BAND)
     _show(left, image, gt_mask, pred)
     if gt_mask is not None and pred is not None:
-        _label(left, f"Dice {dice(gt_mask, pred):.3f}", corner="bottom")
+        _label(left, f"Dice {dice_score(gt_mask, pred):.3f}", corner="bottom")
 
     right.imshow(to_unit(image), cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear")
     cam = np.asarray(cam, dtype=np.float32)
@@ -183,7 +168,7 @@ def cam_figure(image, cam, box, path, gt_mask=None, pred=None, panel_px: int = 3
     right.imshow(heat, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
     if pred is not None and np.any(pred):
         right.contour(np.asarray(pred) > 0, levels=[0.5], colors=PRED_COLOR, linewidths=1.3)
-    gt_box = mask_box(gt_mask) if gt_mask is not None else None
+    gt_box = mask_to_box(gt_mask) if gt_mask is not None else None
     for b, style in ((gt_box, dict(edgecolor=GT_COLOR, linestyle="--")), (box, dict(edgecolor=BOX_COLOR))):
         if b is not None:
             x0, y0, x1, y1 = (float(v) for v in b)
@@ -260,7 +245,7 @@ def qualitative_grid(images, gts, preds_by_method: dict[str, Sequence[np.ndarray
         for c, method in enumerate(methods, start=1):
             pred = preds_by_method[method][r]
             _show(axes[r][c], np.asarray(images[r]), gts[r], pred)
-            _label(axes[r][c], f"Dice {dice(gts[r], pred):.3f}", corner="bottom")
+            _label(axes[r][c], f"Dice {dice_score(gts[r], pred):.3f}", corner="bottom")
     for c, text in enumerate(["ground truth", *methods]):
         pos = axes[0][c].get_position()
         fig.text(pos.x0 + pos.width / 2, 1 - (BAND / 2) / fig.bbox.height, text, ha="center", va="center",

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sammix.data.io import atomic_path
 from sammix.errors import InputError
 from sammix.evaluation.metrics import slice_metrics, summarize, volume_dice
-from sammix.models.cam import box_iou, mask_to_box
+from sammix.masks import box_iou, mask_to_box
 from sammix.models.sammix import SamMix
 from sammix.training.slices import load_sources
 

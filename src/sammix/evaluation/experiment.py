@@ -429,7 +429,7 @@ class Grid:
         import torch
         from tqdm import tqdm
 
-        from sammix.models.cam import mask_to_box
+        from sammix.masks import mask_to_box
 
         n, s = len(ts.idx), self.spec.prep.size
         out = {"masks": np.zeros((n, s, s), bool), "present": np.zeros(n, bool),

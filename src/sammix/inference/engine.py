@@ -1,6 +1,6 @@
-"""A SamMix prepared for fast inference: the answers of `SamMix.predict_slices`, less work.
+"""A SamMix prepared for fast inference: the backend `predict` gives `models.inferer.SliceInferer`,
+with the same stages as the SamMix (classify + CAM, encode, decode) and less work:
 
-* organ-free slices (classifier below `cls_threshold`) skip SAM, as in `predict_slices`;
 * the GradCAM comes in closed form, without a backward pass (`export.closed_form_cam`), wherever
   the classifier's logit is a spatial mean of a linear map of the CAM layer (both built-in
   classifiers; checked against autograd when the engine is made, autograd otherwise);
@@ -61,7 +61,7 @@ def inference_encoder(model) -> nn.Module:
 
 
 class Engine:
-    """`predict_slices` for whole volumes: batches in, prompts and best-mask logits out.
+    """A fast `models.inferer.Backend`: the stages of a SamMix with less work per slice.
 
     backend "torch": PyTorch, `precision` "fp32" (the reference), "bf16" (encoder under bf16
     autocast) or "auto" (fp32: see docs/performance.md for why bf16 is not the default);
@@ -76,11 +76,12 @@ class Engine:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model = model.eval()
         self.device = model.device
+        self.cfg = model.cfg
         self.size = int(model.prep.size)
         self.precision = "fp32" if precision == "auto" else precision
         self.backend = backend
         self.times: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
-        self.full_box = getattr(model.cfg, "prompt", "cam") == "full_box"  # SAM-PP baselines: no classifier
+        full_box = model.cfg.prompt == "full_box"  # SAM-PP baselines: no classifier
         if backend == "onnx":
             from sammix.inference.export import FILES, onnx_session
 
@@ -97,7 +98,7 @@ class Engine:
         else:
             from sammix.inference.export import closed_form_cam
 
-            self.cam_net = None if self.full_box else closed_form_cam(model)
+            self.cam_net = None if full_box else closed_form_cam(model)
             self.channels_last = channels_last
             self.encoder = inference_encoder(model).to(self.device)
             if channels_last:
@@ -106,7 +107,7 @@ class Engine:
     def describe(self) -> str:
         if self.backend == "onnx":
             return f"onnxruntime (classifier with closed-form CAM fp32, encoder {self.precision}, decoder fp32)"
-        cam = "whole-image box" if self.full_box else (
+        cam = "whole-image box" if self.cfg.prompt == "full_box" else (
             "closed-form GradCAM" if self.cam_net is not None else "autograd GradCAM")
         return f"torch {self.precision} encoder on {self.device.type}, {cam}"
 
@@ -146,7 +147,7 @@ class Engine:
         return emb
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
-        """Embeddings + prompts -> the best of SAM's three masks: logits (B,S,S) fp32, scores (B,)."""
+        """Embeddings + prompts -> SAM's three masks: logits (B,3,S,S) fp32, predicted IoUs (B,3)."""
         start = time.perf_counter()
         if self.backend == "onnx":
             session, parts = self.sessions["decoder"], []
@@ -164,51 +165,5 @@ class Engine:
                 prompts = None if mask_prompts is None else mask_prompts.to(self.device)
                 logits, scores = self.model.sam.decode(emb.to(self.device), boxes.to(self.device), prompts,
                                                        multimask=True, size=self.size)
-        best = scores.argmax(dim=1)
-        rows = torch.arange(len(best), device=best.device)
-        logits, scores = logits[rows, best].float().cpu(), scores[rows, best].float().cpu()
         self.times["sam_decoder"] += time.perf_counter() - start
-        return logits, scores
-
-    # -- all together ---------------------------------------------------------------------------
-    def gate_slices(self, x: torch.Tensor, gate: bool = True):
-        """Slices (B,1,S,S) -> organ probabilities (B,), present (B,) bool, CAMs (B,S,S) or None
-        (the whole-image-box baselines have no classifier: every slice is present)."""
-        if self.full_box:
-            return torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool), None
-        probs, cams = self.classify(x.float().contiguous())
-        present = probs >= self.model.cfg.cls_threshold if gate else torch.ones_like(probs, dtype=torch.bool)
-        return probs, present, cams
-
-    def segment(self, x: torch.Tensor, cams: torch.Tensor | None):
-        """Present slices (P,1,S,S) and their CAMs -> SAM's best-mask logits (P,S,S), scores (P,)
-        and the boxes it was prompted with (P,4)."""
-        start = time.perf_counter()
-        if self.full_box:  # as SamMix.predict_slices with prompt "full_box": the whole-image box
-            boxes = torch.tensor([0.0, 0.0, self.size - 1.0, self.size - 1.0]).repeat(len(x), 1)
-            mask_prompts = None
-        else:
-            boxes, mask_prompts = self.model.prompter.prompts(cams)
-        self.times["prompts"] += time.perf_counter() - start
-        emb = self.encode(x.float().contiguous())
-        logits, scores = self.decode(emb, boxes, mask_prompts)
-        return logits, scores, boxes
-
-    def predict(self, x: torch.Tensor, gate: bool = True) -> dict[str, torch.Tensor]:
-        """Like `SamMix.predict_slices`, but SAM's best-mask *logits* (for resizing before the
-        threshold) of the present slices only: {"probs", "present" (B,), "index" (P,) of the
-        present slices, "logits" (P,S,S), "boxes" (P,4), "scores" (P,)}."""
-        probs, present, cams = self.gate_slices(x, gate)
-        index = present.nonzero().flatten()
-        out = {"probs": probs, "present": present, "index": index,
-               "logits": torch.zeros(0, self.size, self.size), "boxes": torch.zeros(0, 4), "scores": torch.zeros(0)}
-        if len(index):
-            out["logits"], out["scores"], out["boxes"] = self.segment(x[index], None if cams is None else cams[index])
-        return out
-
-    def predict_masks(self, x: torch.Tensor, gate: bool = True) -> np.ndarray:
-        """(B,1,S,S) -> bool masks (B,S,S), the same answer as `SamMix.predict_slices(x)["masks"]`."""
-        out = self.predict(x, gate)
-        masks = np.zeros((x.shape[0], self.size, self.size), dtype=bool)
-        masks[out["index"].numpy()] = (out["logits"] > 0).numpy()
-        return masks
+        return logits.float().cpu(), scores.float().cpu()

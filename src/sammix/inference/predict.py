@@ -1,7 +1,8 @@
 """`sammix predict`: CT volumes (NIfTI, NRRD, DICOM series) or 2D images in, aligned masks out.
 
 Per input: read it with its geometry -> axial slices in display orientation -> window + resize to
-the model's S x S -> classifier gate + GradCAM prompts -> SAM (batched, see `engine.Engine`) ->
+the model's S x S -> classifier gate + GradCAM prompts -> SAM (`models.inferer.SliceInferer` over an
+`engine.Engine`) ->
 best-mask logits resized back to the slice's native size and thresholded -> optional 3D clean-up
 (largest connected component, holes filled slice by slice) -> `Volume.from_axial` back onto the
 stored voxel grid -> `<name>.nii.gz` (uint8, the input's shape and affine), `<name>.json` (a record
@@ -30,11 +31,10 @@ from sammix.data import io
 from sammix.data.preprocess import resize_image, slice_to_unit, volume_to_unit
 from sammix.errors import InputError, SammixError
 from sammix.inference.engine import Engine
+from sammix.models.inferer import SliceInferer
 
 USE_RUN = object()  # window argument: the run's own PrepConfig window
 _SUFFIXES = io.VOLUME_SUFFIXES + io.IMAGE2D_SUFFIXES
-# --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
-INTERPOLATE_MIN_DICE = 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +77,16 @@ def clean_mask(mask: np.ndarray) -> np.ndarray:
 # prediction on arrays
 
 
-def _engine(model, **options) -> Engine:
-    return model if isinstance(model, Engine) else make_engine(model, **options)
+def _inferer(model, **options) -> SliceInferer:
+    """A SliceInferer over `model`: an inferer as it is, an Engine, or a SamMix / ExportedRun
+    (an engine is made for it: `make_engine(model, **options)`)."""
+    if isinstance(model, SliceInferer):
+        return model
+    return SliceInferer(model if isinstance(model, Engine) else make_engine(model, **options))
 
 
-def _resolve_window(engine: Engine, window):
-    return engine.model.prep.window if window is USE_RUN else window
+def _resolve_window(inferer: SliceInferer, window):
+    return inferer.backend.model.prep.window if window is USE_RUN else window
 
 
 def _to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
@@ -90,89 +94,41 @@ def _to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
 
 
-def _runs(present: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive True as (first, last) index pairs."""
-    edges = np.diff(np.concatenate([[0], present.astype(np.int8), [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1))
+def _clear_times(inferer: SliceInferer) -> None:
+    inferer.times.clear()
+    getattr(inferer.backend, "times", {}).clear()
 
 
-def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Two slices' mask logits give masks with Dice >= INTERPOLATE_MIN_DICE (both empty agree)."""
-    a, b = a > 0, b > 0
-    total = int(a.sum() + b.sum())
-    return total == 0 or 2 * int((a & b).sum()) / total >= INTERPOLATE_MIN_DICE
+def _stage_times(inferer: SliceInferer) -> dict[str, float]:
+    return {**getattr(inferer.backend, "times", {}), **inferer.times}
 
 
-def _segment_stepped(engine: Engine, x: torch.Tensor, cams: torch.Tensor | None, present: np.ndarray,
-                     slice_step: int, batch_size: int, progress: tqdm | None):
-    """SAM on the present slices, or on every slice_step-th of them with interpolation between
-    (`predict_axial`) -> mask logits (Z,S,S) and which slices SAM saw (Z,) bool."""
-    logits = torch.zeros(x.shape[0], engine.size, engine.size)
-    segmented = np.zeros(x.shape[0], bool)
-
-    def run_sam(indices: list[int]) -> None:
-        for i in range(0, len(indices), batch_size):
-            chunk = torch.tensor(indices[i:i + batch_size])
-            logits[chunk] = engine.segment(x[chunk], None if cams is None else cams[chunk])[0]
-            segmented[chunk.numpy()] = True
-            if progress is not None:
-                progress.update(len(chunk))
-
-    anchors = [[*range(first, last + 1, slice_step), last] for first, last in _runs(present)]
-    run_sam(sorted({i for run in anchors for i in run}))
-    gaps = [(a, b) for run in anchors for a, b in zip(run, run[1:]) if b - a > 1]
-    while gaps:
-        middles = []
-        for a, b in gaps:
-            if _agree(logits[a], logits[b]):
-                t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
-                logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
-            else:
-                middles.append((a, (a + b) // 2, b))
-        run_sam([m for _, m, _ in middles])
-        gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
-    return logits, segmented
-
-
-def predict_axial(engine: Engine, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
+def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
                   progress: tqdm | None = None, times: dict | None = None,
                   slice_step: int = 1) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
-    and per-slice facts {"probs", "present", "segmented"}.
-
-    `slice_step` > 1: in each run of consecutive organ slices SAM sees every slice_step-th slice
-    and the last; a slice between two that SAM saw gets their mask logits blended linearly in z
-    where the two masks agree (Dice >= INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle
-    slice and each half is treated the same way, down to neighbours."""
+    and per-slice facts {"probs", "present", "segmented"} (`SliceInferer.predict_volume`)."""
     if slice_step < 1:
         raise ValueError(f"slice_step must be >= 1, got {slice_step}")
+    inferer = _inferer(inferer)
     z, h, w = axial.shape
-    size = engine.size
     times = {} if times is None else times
-    x = torch.empty(z, 1, size, size)
-    probs, present = np.zeros(z, np.float32), np.zeros(z, bool)
-    cams = None
-    for start in range(0, z, batch_size):  # the gate and the CAMs of the whole volume first
-        t0 = time.perf_counter()
-        x[start:start + batch_size] = _to_model_input(volume_to_unit(axial[start:start + batch_size], window), size)
-        times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
-        p, keep, c = engine.gate_slices(x[start:start + batch_size], gate)
-        probs[start:start + len(p)], present[start:start + len(p)] = p.numpy(), keep.numpy()
-        if c is not None:
-            cams = torch.empty(z, size, size) if cams is None else cams
-            cams[start:start + len(c)] = c
-    logits, segmented = _segment_stepped(engine, x, cams, present, slice_step, batch_size, progress)
-    if progress is not None:
-        progress.update(z - int(segmented.sum()))
+    t0 = time.perf_counter()
+    x = torch.empty(z, 1, inferer.size, inferer.size)
+    for start in range(0, z, batch_size):
+        x[start:start + batch_size] = _to_model_input(volume_to_unit(axial[start:start + batch_size], window),
+                                                      inferer.size)
+    times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
+    out = inferer.predict_volume(x, gate, slice_step, batch_size, progress)
 
     t0 = time.perf_counter()
     mask = np.zeros((z, h, w), dtype=bool)
-    index = np.flatnonzero(present)
+    index = np.flatnonzero(out["present"])
     for i in range(0, len(index), batch_size):
         chunk = index[i:i + batch_size]
-        mask[chunk] = logits_to_native(logits[chunk], (h, w))
+        mask[chunk] = logits_to_native(out["logits"][chunk], (h, w))
     times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
-    return mask, {"probs": probs, "present": present, "segmented": segmented}
+    return mask, {k: out[k] for k in ("probs", "present", "segmented")}
 
 
 def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):
@@ -189,15 +145,16 @@ def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = Tr
     return stored, mask_axial
 
 
-def _model_info(engine: Engine, run) -> dict:
-    cfg = engine.model.cfg
+def _model_info(inferer: SliceInferer, run) -> dict:
+    engine, cfg = inferer.backend, inferer.cfg
     return {"run": None if run is None else str(run), "backbone": cfg.backbone, "classifier": cfg.classifier,
             "cls_threshold": cfg.cls_threshold, "cam_threshold": cfg.cam_threshold,
             "engine": engine.describe(), "precision": engine.precision, "backend": engine.backend}
 
 
-def _environment(engine: Engine) -> dict:
-    return {"sammix_version": __version__, "torch_version": torch.__version__, "device": str(engine.device),
+def _environment(inferer: SliceInferer) -> dict:
+    return {"sammix_version": __version__, "torch_version": torch.__version__,
+            "device": str(inferer.backend.device),
             "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -207,20 +164,20 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
                    **engine_options):
     """A read `Volume` -> (uint8 mask on the volume's stored grid, record dict).
 
-    `model`: a SamMix (an engine is made for it: `make_engine(model, **engine_options)`) or an
-    `Engine` (made once, reused across volumes).
+    `model`: a SamMix (an engine is made for it: `make_engine(model, **engine_options)`), an
+    `Engine` (made once, reused across volumes) or a `SliceInferer`.
     `window`: (level, width) or None (HU clipped to [0, 255]); default the run's own.
     `slice_step`: see `predict_axial` (1: SAM sees every organ slice)."""
-    engine = _engine(model, **engine_options)
-    window = _resolve_window(engine, window)
-    engine.times.clear()
+    inferer = _inferer(model, **engine_options)
+    window = _resolve_window(inferer, window)
+    _clear_times(inferer)
     times: dict[str, float] = {}
     start = time.perf_counter()
     axial = volume.axial()
     times["reorient"] = time.perf_counter() - start
-    mask, facts = predict_axial(engine, axial, window, batch_size, gate, progress, times, slice_step)
+    mask, facts = predict_axial(inferer, axial, window, batch_size, gate, progress, times, slice_step)
     stored, mask = mask_to_stored(volume, mask, cleanup, times)
-    times.update(engine.times)
+    times.update(_stage_times(inferer))
     times["predict_total"] = time.perf_counter() - start
 
     spacing = volume.axial_spacing()
@@ -233,7 +190,7 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
         "affine": np.round(volume.affine, 6).tolist(),
         "spacing_mm": None if spacing is None else [round(s, 6) for s in spacing],
         "window": None if window is None else list(window),
-        "organ": engine.model.prep.organ,
+        "organ": inferer.backend.model.prep.organ,
         "organ_voxels": voxels,
         "organ_volume_ml": None if spacing is None else round(voxels * float(np.prod(spacing)) / 1000.0, 3),
         "slices": int(len(axial)),
@@ -246,10 +203,10 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
         "cleanup": bool(cleanup),
         "gate": bool(gate),
         "batch_size": int(batch_size),
-        "model": _model_info(engine, run),
+        "model": _model_info(inferer, run),
         "timings_s": {k: round(v, 3) for k, v in times.items()},
         "slices_per_s": round(len(axial) / max(times["predict_total"], 1e-9), 3),
-        **_environment(engine),
+        **_environment(inferer),
     }
     return stored, record
 
@@ -258,30 +215,30 @@ def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True
                   run=None, **engine_options):
     """A 2D image as read by `read_image2d` (8-bit: /255; otherwise HU through the window) ->
     (uint8 0/1 mask of the image's size, record)."""
-    engine = _engine(model, **engine_options)
-    window = _resolve_window(engine, window)
-    engine.times.clear()
+    inferer = _inferer(model, **engine_options)
+    window = _resolve_window(inferer, window)
+    _clear_times(inferer)
     start = time.perf_counter()
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"predict_image expects a 2D image, got shape {image.shape}")
     times = {}
     t0 = time.perf_counter()
-    x = _to_model_input(slice_to_unit(image, window)[None], engine.size)
+    x = _to_model_input(slice_to_unit(image, window)[None], inferer.size)
     times["preprocess"] = time.perf_counter() - t0
-    out = engine.predict(x, gate=gate)
+    out = inferer.predict(x, gate=gate)
     mask = np.zeros(image.shape, dtype=bool)
     if len(out["index"]):
         mask = logits_to_native(out["logits"], image.shape)[0]
     if cleanup:
         mask = clean_mask(mask)
-    times.update(engine.times)
+    times.update(_stage_times(inferer))
     times["predict_total"] = time.perf_counter() - start
     record = {
         "kind": "image",
         "shape": list(image.shape),
         "window": "8-bit /255" if image.dtype == np.uint8 else (None if window is None else list(window)),
-        "organ": engine.model.prep.organ,
+        "organ": inferer.backend.model.prep.organ,
         "organ_pixels": int(mask.sum()),
         "organ_volume_ml": None,
         "probability": float(out["probs"][0]),
@@ -289,9 +246,9 @@ def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True
         "slices_with_organ": int(mask.any()),
         "cleanup": bool(cleanup),
         "gate": bool(gate),
-        "model": _model_info(engine, run),
+        "model": _model_info(inferer, run),
         "timings_s": {k: round(v, 3) for k, v in times.items()},
-        **_environment(engine),
+        **_environment(inferer),
     }
     return mask.astype(np.uint8), record
 

@@ -24,6 +24,7 @@ from torch import nn
 from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, PrepConfig, TrainConfig, YamlConfig, check_run_folder,
                             resolve_device)
 from sammix.errors import InputError, SammixError
+from sammix.masks import mask_to_box
 
 ARCHS = ("unet", "swinunetr")
 ALL_LABELED = 0  # train.labeled == 0: every labelled training slice (full supervision)
@@ -94,12 +95,6 @@ def build_net(cfg: NetConfig, size: int) -> nn.Module:
     raise SammixError(f"unknown baseline network {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    from sammix.models.cam import mask_to_box
-
-    return np.asarray(mask_to_box(mask), dtype=np.float32)
-
-
 class SegNet(nn.Module):
     """A baseline network behind SamMix's prediction interface."""
 
@@ -127,7 +122,7 @@ class SegNet(nn.Module):
         present = masks.flatten(1).any(1)
         boxes = torch.full((len(x), 4), float("nan"))
         for i in present.nonzero().flatten().tolist():
-            boxes[i] = torch.from_numpy(_mask_box(masks[i].numpy()))
+            boxes[i] = torch.from_numpy(mask_to_box(masks[i].numpy()))
         return {"probs": prob.flatten(1).amax(1), "present": present, "masks": masks,
                 "cams": torch.zeros_like(prob), "boxes": boxes, "scores": prob.flatten(1).amax(1)}
 
@@ -233,7 +228,7 @@ class NnUNetModel:
         present = masks.flatten(1).any(1)
         boxes = torch.full((len(masks), 4), float("nan"))
         for i in present.nonzero().flatten().tolist():
-            boxes[i] = torch.from_numpy(_mask_box(masks[i].numpy()))
+            boxes[i] = torch.from_numpy(mask_to_box(masks[i].numpy()))
         return {"probs": present.float(), "present": present, "masks": masks,
                 "cams": torch.zeros(masks.shape), "boxes": boxes, "scores": present.float()}
 

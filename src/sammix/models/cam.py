@@ -1,7 +1,6 @@
 """GradCAM of the slice classifier -> SAM prompts (a box and a low-resolution mask).
 
-Boxes are xyxy in pixel indices of the slice, inclusive (x2 is the last column inside the box),
-the convention of MedSAM's ground-truth boxes; `mask_to_box` and `box_iou` use the same one.
+Boxes are xyxy in inclusive pixel indices, as in `sammix.masks`.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sammix.errors import SammixError
+from sammix.masks import mask_to_box
 
 MASK_PROMPT_SIZE = 256  # SAM's prompt encoder takes 4x its 64x64 embedding grid
 
@@ -48,14 +48,6 @@ def main_component(cam, threshold: float = 0.4) -> np.ndarray | None:
     return labels == (int(np.argmax(mass)) + 1)
 
 
-def mask_to_box(mask) -> np.ndarray | None:
-    """Bounding box (x1, y1, x2, y2), inclusive pixel indices, of a 2D mask; None if it is empty."""
-    ys, xs = np.nonzero(np.asarray(mask))
-    if ys.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-
-
 def cam_to_box(cam, threshold: float = 0.4) -> np.ndarray:
     """The box of the CAM's main blob (see `main_component`).
 
@@ -69,29 +61,6 @@ def cam_to_box(cam, threshold: float = 0.4) -> np.ndarray:
         h, w = c.shape[-2:]
         return np.array([0, 0, w - 1, h - 1], dtype=np.float32)
     return mask_to_box(blob)
-
-
-def box_iou(a, b):
-    """IoU of inclusive-pixel xyxy boxes; (4,) and (4,) -> float, (N, 4) and (N, 4) -> (N,)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
-    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
-    iou = inter / np.maximum(area_a + area_b - inter, 1e-12)
-    return float(iou) if iou.ndim == 0 else iou
-
-
-def expand_box(box, fraction: float, size) -> np.ndarray:
-    """Grow a box by `fraction` of its width/height on every side, clipped to a (H, W) slice."""
-    h, w = (size, size) if isinstance(size, int) else size
-    x1, y1, x2, y2 = np.asarray(box, dtype=np.float64)
-    dx, dy = fraction * (x2 - x1 + 1), fraction * (y2 - y1 + 1)
-    return np.array(
-        [max(0.0, x1 - dx), max(0.0, y1 - dy), min(w - 1.0, x2 + dx), min(h - 1.0, y2 + dy)], dtype=np.float32
-    )
 
 
 def cam_to_mask_prompt(cam, threshold: float = 0.4, scale: float = 16.0, mode: str = "soft") -> torch.Tensor:

@@ -19,6 +19,7 @@ from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, ModelConfig, PrepConfig, R
 from sammix.errors import InputError
 from sammix.models.cam import CamPrompter
 from sammix.models.classifier import build_classifier
+from sammix.models.inferer import SliceInferer
 from sammix.models.sam import (
     base_weights_info,
     build_sam,
@@ -40,12 +41,15 @@ class SamMix(nn.Module):
     def device(self) -> torch.device:
         return next(self.sam.parameters()).device
 
+    @property
+    def size(self) -> int:
+        return int(self.prep.size)
+
     # -- the two branches -------------------------------------------------------------------
     def cam_prompts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """GradCAM of the classifier -> (cams (B,S,S), boxes (B,4), mask prompts (B,1,256,256)).
-
-        Prompts are inputs to SAM, not a path for its gradients: they are detached. With
-        `prompt: full_box` (the SAM-PP baselines) the box is the whole image and there is no mask."""
+        """GradCAM of the classifier -> (cams (B,S,S), boxes (B,4), mask prompts (B,1,256,256)),
+        for training. Prompts are inputs to SAM, not a path for its gradients: they are detached.
+        With `prompt: full_box` (the SAM-PP baselines) the box is the whole image and there is no mask."""
         if self.cfg.prompt == "full_box":
             b, _, h, w = x.shape
             boxes = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0], device=x.device).repeat(b, 1)
@@ -54,50 +58,37 @@ class SamMix(nn.Module):
         boxes, mask_prompts = self.prompter.prompts(cams)
         return cams, boxes.to(x.device), None if mask_prompts is None else mask_prompts.to(x.device)
 
-    def segment(self, x: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
-        """SAM with the given prompts -> (best mask logits (B,1,S,S), its score (B,))."""
-        logits, scores = self.sam(x, boxes, mask_prompts)
-        best = scores.argmax(dim=1)
-        rows = torch.arange(len(best), device=best.device)
-        return logits[rows, best].unsqueeze(1), scores[rows, best]
+    # -- the inference backend (`models.inferer.Backend`) ----------------------------------------
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cams = self.prompter.compute(x.to(self.device))
+        return torch.sigmoid(logits.float()).cpu(), cams.float().cpu()
 
     @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sam.encode(x.to(self.device))
+
+    @torch.no_grad()
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
+        logits, scores = self.sam.decode(emb, boxes.to(emb.device), mask_prompts, size=self.size)
+        return logits.float().cpu(), scores.float().cpu()
+
     def predict_slices(self, x: torch.Tensor, gate: bool = True,
                        boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Slices (B,1,S,S) in [0,1] -> masks (B,S,S) bool, probs, present, cams, boxes, scores.
-
-        One classifier pass gives both the gate and the CAM. Slices the classifier calls
-        organ-free skip SAM and get an empty mask (when `gate`; never with `prompt: full_box`).
-        Given `boxes` (B,4), SAM is prompted with them instead (the ground-truth-box oracle)."""
+        """Slices (B,1,S,S) in [0,1] -> masks (B,S,S) bool, probs, present, cams, boxes, scores
+        (`SliceInferer.predict`, with the answers of organ-free slices filled in: empty mask,
+        NaN box, score 0). Given `boxes` (B,4), SAM is prompted with them (the oracle)."""
         self.eval()
-        x = x.to(self.device)
         b, _, s, _ = x.shape
-        out = {
-            "probs": torch.ones(b), "present": torch.ones(b, dtype=torch.bool),
-            "masks": torch.zeros(b, s, s, dtype=torch.bool), "cams": torch.zeros(b, s, s),
-            "boxes": torch.full((b, 4), float("nan")), "scores": torch.zeros(b),
-        }
-        mask_prompts = None
-        if boxes is not None:
-            boxes = boxes.to(x.device).float()
-        elif self.cfg.prompt == "full_box":
-            _, boxes, _ = self.cam_prompts(x)
-        else:
-            logits, cams = self.prompter.compute(x)
-            out["probs"] = torch.sigmoid(logits.float()).cpu()
-            out["cams"] = cams.float().cpu()
-            if gate:
-                out["present"] = out["probs"] >= self.cfg.cls_threshold
-            boxes, mask_prompts = self.prompter.prompts(cams)
-            boxes = boxes.to(x.device)
-            mask_prompts = None if mask_prompts is None else mask_prompts.to(x.device)
-        idx = out["present"].nonzero().flatten()
-        if len(idx):
-            sel = idx.to(x.device)
-            logits, scores = self.segment(x[sel], boxes[sel], None if mask_prompts is None else mask_prompts[sel])
-            out["masks"][idx] = (logits[:, 0] > 0).cpu()
-            out["boxes"][idx] = boxes[sel].float().cpu()
-            out["scores"][idx] = scores.float().cpu()
+        res = SliceInferer(self).predict(x, gate, boxes)
+        idx = res["index"]
+        out = {"probs": res["probs"], "present": res["present"],
+               "cams": torch.zeros(b, s, s) if res["cams"] is None else res["cams"],
+               "masks": torch.zeros(b, s, s, dtype=torch.bool), "boxes": torch.full((b, 4), float("nan")),
+               "scores": torch.zeros(b)}
+        out["masks"][idx] = res["logits"] > 0
+        out["boxes"][idx] = res["boxes"].float()
+        out["scores"][idx] = res["scores"]
         return out
 
     def predict(self, image: np.ndarray) -> np.ndarray:

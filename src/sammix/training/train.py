@@ -23,7 +23,8 @@ from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, resolve_device
 from sammix.data.io import atomic_path
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
-from sammix.models.cam import box_iou, cam_to_box, mask_to_box
+from sammix.masks import box_iou, dice_score, mask_to_box
+from sammix.models.cam import cam_to_box
 from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.training.augment import random_affine, random_intensity

@@ -1,0 +1,170 @@
+"""The one path from slices to masks: gate -> CAM -> prompts -> SAM -> mask.
+
+`SliceInferer` runs that chain over any `Backend`: `SamMix` itself (PyTorch, autograd GradCAM:
+training's validation, `evaluate`, `experiment`) or `inference.engine.Engine` (LoRA merged, or
+ONNX Runtime fp32/int8: `predict`). Whatever the backend, the prompts, the choice among SAM's
+masks and the slice loops are this module's, so what `evaluate` scores is what `predict` writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sammix.config import ModelConfig
+from sammix.models.cam import CamPrompts
+from sammix.masks import dice_score, expand_box, mask_to_box
+
+# --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
+INTERPOLATE_MIN_DICE = 0.9
+
+
+class Backend(Protocol):
+    """What the inferer needs of a model. Tensors come back on the CPU, float32."""
+
+    cfg: ModelConfig  # prompt kind, gate and CAM thresholds, mask-prompt mode
+    size: int  # slice side S
+
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices (B,1,S,S) in [0,1] -> organ probabilities (B,) and CAMs (B,S,S) in [0,1]."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices (B,1,S,S) in [0,1] -> SAM image embeddings."""
+
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor,
+               mask_prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings + boxes (B,4) -> SAM's three mask logits (B,3,S,S) and predicted IoUs (B,3)."""
+
+
+def best_of_three(logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's answer: of its three masks (B,3,S,S), the one with the highest predicted IoU (B,3)
+    -> logits (B,S,S), score (B,)."""
+    best = scores.argmax(dim=1)
+    rows = torch.arange(len(best), device=best.device)
+    return logits[rows, best], scores[rows, best]
+
+
+def _runs(present: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive True as (first, last) index pairs."""
+    edges = np.diff(np.concatenate([[0], present.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1))
+
+
+class SliceInferer:
+    """gate -> CAM -> prompts -> SAM -> mask over a `Backend`, for batches of slices
+    (`predict`) and for the ordered slices of a volume (`predict_volume`)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.cfg = backend.cfg
+        self.size = int(backend.size)
+        self.full_box = self.cfg.prompt == "full_box"  # SAM-PP baselines: whole-image box, no classifier
+        self.prompter = CamPrompts(self.cfg.cam_threshold, mask_mode=self.cfg.mask_prompt)
+        self.times: dict[str, float] = defaultdict(float)
+
+    def _whole_box(self, n: int) -> torch.Tensor:
+        return torch.tensor([0.0, 0.0, self.size - 1.0, self.size - 1.0]).repeat(n, 1)
+
+    # -- the stages -----------------------------------------------------------------------------
+    def gate(self, x: torch.Tensor, gate: bool = True):
+        """Slices (B,1,S,S) -> organ probabilities (B,), present (B,) bool, CAMs (B,S,S) or None
+        (the whole-image-box baselines have no classifier: every slice is present)."""
+        if self.full_box:
+            return torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool), None
+        probs, cams = self.backend.classify(x.float().contiguous())
+        present = probs >= self.cfg.cls_threshold if gate else torch.ones_like(probs, dtype=torch.bool)
+        return probs, present, cams
+
+    def segment(self, x: torch.Tensor, cams: torch.Tensor | None, boxes: torch.Tensor | None = None):
+        """Slices (P,1,S,S) and their CAMs -> SAM's best-mask logits (P,S,S), scores (P,) and the
+        boxes it was prompted with (P,4). Given `boxes`, SAM is prompted with them instead."""
+        start = time.perf_counter()
+        mask_prompts = None
+        if boxes is None:
+            if self.full_box:
+                boxes = self._whole_box(len(x))
+            else:
+                boxes, mask_prompts = self.prompter.prompts(cams)
+        self.times["prompts"] += time.perf_counter() - start
+        emb = self.backend.encode(x.float().contiguous())
+        logits, scores = best_of_three(*self.backend.decode(emb, boxes.float(), mask_prompts))
+        return logits, scores, boxes
+
+    # -- batches --------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, gate: bool = True, boxes: torch.Tensor | None = None) -> dict:
+        """Slices (B,1,S,S) -> {"probs", "present" (B,), "cams" (B,S,S) or None, "index" (P,) of
+        the present slices, "logits" (P,S,S), "scores" (P,), "boxes" (P,4)}. Slices the gate
+        calls organ-free skip SAM. Given `boxes` (B,4) (the ground-truth-box oracle), SAM is
+        prompted with them on every slice, with no classifier."""
+        if boxes is None:
+            probs, present, cams = self.gate(x, gate)
+        else:
+            probs, present, cams = torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool), None
+        index = present.nonzero().flatten()
+        out = {"probs": probs, "present": present, "cams": cams, "index": index,
+               "logits": torch.zeros(0, self.size, self.size), "scores": torch.zeros(0), "boxes": torch.zeros(0, 4)}
+        if len(index):
+            out["logits"], out["scores"], out["boxes"] = self.segment(
+                x[index], None if cams is None else cams[index], None if boxes is None else boxes[index])
+        return out
+
+    def predict_masks(self, x: torch.Tensor, gate: bool = True, boxes: torch.Tensor | None = None) -> np.ndarray:
+        """(B,1,S,S) -> bool masks (B,S,S)."""
+        out = self.predict(x, gate, boxes)
+        masks = np.zeros((x.shape[0], self.size, self.size), dtype=bool)
+        masks[out["index"].numpy()] = (out["logits"] > 0).numpy()
+        return masks
+
+    # -- volumes --------------------------------------------------------------------------------
+    def predict_volume(self, x: torch.Tensor, gate: bool = True, slice_step: int = 1, batch_size: int = 8,
+                       progress=None) -> dict:
+        """The ordered slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs", "present",
+        "segmented" (Z,) bool: the slices SAM saw}.
+
+        The gate and CAMs of the whole volume come first. `slice_step` > 1: in each run of
+        consecutive organ slices SAM sees every slice_step-th slice and the last; a slice
+        between two that SAM saw gets their mask logits blended linearly in z where the two
+        masks agree (Dice >= INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle slice and
+        each half is treated the same way, down to neighbours."""
+        if slice_step < 1:
+            raise ValueError(f"slice_step must be >= 1, got {slice_step}")
+        z = x.shape[0]
+        probs, present, cams = torch.zeros(z), torch.zeros(z, dtype=torch.bool), None
+        for start in range(0, z, batch_size):
+            p, keep, c = self.gate(x[start:start + batch_size], gate)
+            probs[start:start + len(p)], present[start:start + len(p)] = p, keep
+            if c is not None:
+                cams = torch.empty(z, self.size, self.size) if cams is None else cams
+                cams[start:start + len(c)] = c
+        present = present.numpy()
+        logits = torch.zeros(z, self.size, self.size)
+        segmented = np.zeros(z, bool)
+
+        def run_sam(indices: list[int]) -> None:
+            for i in range(0, len(indices), batch_size):
+                chunk = torch.tensor(indices[i:i + batch_size], dtype=torch.long)
+                logits[chunk] = self.segment(x[chunk], None if cams is None else cams[chunk])[0]
+                segmented[chunk.numpy()] = True
+                if progress is not None:
+                    progress.update(len(chunk))
+
+        anchors = [[*range(first, last + 1, slice_step), last] for first, last in _runs(present)]
+        run_sam(sorted({i for run in anchors for i in run}))
+        gaps = [(a, b) for run in anchors for a, b in zip(run, run[1:]) if b - a > 1]
+        while gaps:
+            middles = []
+            for a, b in gaps:
+                if dice_score(logits[a] > 0, logits[b] > 0) >= INTERPOLATE_MIN_DICE:
+                    t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
+                    logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
+                else:
+                    middles.append((a, (a + b) // 2, b))
+            run_sam([m for _, m, _ in middles])
+            gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
+        if progress is not None:
+            progress.update(z - int(segmented.sum()))
+        return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented}
