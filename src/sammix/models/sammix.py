@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, ModelConfig, PrepConfig, RunConfig, check_run_folder,
-                            resolve_device)
+                            load_weights, resolve_device)
 from sammix.errors import InputError
 from sammix.models.cam import CamPrompter
 from sammix.models.classifier import build_classifier
@@ -141,6 +141,6 @@ class SamMix(nn.Module):
         run = check_run_folder(run, weights)
         cfg = RunConfig.load(run / CONFIG_FILE)
         model = cls(cfg.model, cfg.prep)
-        state = torch.load(run / weights, map_location="cpu", weights_only=False)
+        state = load_weights(run / weights)
         model.load_trained_state(state.get("model", state), run / weights)
         return model.to(resolve_device(device)).eval()
