@@ -140,7 +140,7 @@ class SamMix(nn.Module):
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":
         run = check_run_folder(run, weights)
         cfg = RunConfig.load(run / CONFIG_FILE)
-        model = cls(cfg.model, cfg.prep)
         state = load_weights(run / weights)
+        model = cls(cfg.model, cfg.prep)
         model.load_trained_state(state.get("model", state), run / weights)
         return model.to(resolve_device(device)).eval()
