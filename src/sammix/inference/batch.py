@@ -165,7 +165,8 @@ def run_key(run, settings: dict) -> str | None:
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, BEST_WEIGHTS):
         with open(run / name, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
