@@ -3,9 +3,7 @@ written, temporary files that a killed write leaves, weights files that are cut 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -89,22 +87,6 @@ def test_stale_temporary_files_of_one_output_are_removed_and_no_others(tmp_path)
         remove_stale_temps(target)
         assert not tmp.exists()
         tmp.write_bytes(b"whole")
-
-
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A folder no file can be made in, also for root (the immutable flag where chmod is not enough)."""
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    folder.chmod(0o555)
-    immutable = os.access(folder, os.W_OK) and subprocess.run(["chattr", "+i", str(folder)],
-                                                              capture_output=True).returncode == 0
-    if os.access(folder, os.W_OK) and not immutable:
-        pytest.skip("no way to make a read-only folder here")
-    yield folder
-    if immutable:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    folder.chmod(0o755)
 
 
 def test_output_folder_checks_name_the_problem(tmp_path, read_only_folder):

@@ -15,7 +15,6 @@ from sammix.config import RunConfig
 from sammix.data.synthetic import synthetic_ct, write_dicom_series
 from sammix.errors import InputError, SammixError
 from sammix.inference.batch import Job, is_done, plan_jobs, read_manifest, run_key, select_part
-from test_io_robust import read_only_folder  # noqa: F401  (a fixture)
 
 
 def _touch(path: Path) -> Path:
@@ -130,7 +129,7 @@ def _one_error_line(capsys, *words) -> str:
     return err
 
 
-def test_a_bad_output_location_is_one_line_before_any_model_work(tmp_path, capsys, read_only_folder):  # noqa: F811
+def test_a_bad_output_location_is_one_line_before_any_model_work(tmp_path, capsys, read_only_folder):
     run = _run_folder(tmp_path)  # truncated weights: any model work would fail on them instead
     ct = _touch(tmp_path / "data" / "ct.nii.gz")
     for out, words in [(ct, ["is a file, not a folder"]), (ct / "masks", [f"{ct} is a file"]),

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
-    p.add_argument("inputs", type=Path, nargs="*", help="NIfTI/NRRD files, DICOM folders, 2D images, or folders of them")
+    p.add_argument("inputs", type=Path, nargs="*",
+                   help="NIfTI/NRRD files, DICOM folders, 2D images, or folders of them (walked)")
     p.add_argument("--manifest", type=Path, action="append", default=[], metavar="CSV",
                    help="a CSV of inputs, one a row: INPUT[,OUTPUT_NAME] (relative to the CSV's folder); repeatable")
     p.add_argument("--run", type=Path, required=True)
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip inputs whose mask and record exist from this run and settings (default); "
                         "--no-resume redoes them, as --overwrite does")
     p.add_argument("--overwrite", action="store_true", help="redo every input, replacing its outputs")
-    p.add_argument("--num-parts", type=int, default=1, help="split the inputs into this many parts (e.g. SLURM array tasks)")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the inputs into this many parts (e.g. SLURM array tasks)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process does, 0..NUM_PARTS-1")
     p.add_argument("--no-cleanup", action="store_true", help="skip 3D largest-component and hole filling")
     p.add_argument("--batch-size", type=int, default=8)

@@ -57,7 +57,8 @@ class Job:
 
     def targets(self, out: Path) -> dict[str, Path]:
         """Its files in `out`: mask, record and (volumes) preview."""
-        paths = {"mask": out / f"{self.name}{'.png' if self.is_image else '.nii.gz'}", "record": out / f"{self.name}.json"}
+        paths = {"mask": out / f"{self.name}{'.png' if self.is_image else '.nii.gz'}",
+                 "record": out / f"{self.name}.json"}
         if not self.is_image:
             paths["preview"] = out / f"{self.name}_preview.png"
         return paths
