@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,19 @@ def untrained_run(tmp_path_factory) -> Path:
     torch.save({"model": SamMix(cfg.model, cfg.prep).trained_state()}, run / "best.pt")
     assert main(["export", "--run", str(run)]) == 0
     return run
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be made in, also for root (the immutable flag where chmod is not enough)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.access(folder, os.W_OK) and shutil.which("chattr") is not None and \
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if os.access(folder, os.W_OK) and not immutable:
+        pytest.skip("no way to make a read-only folder here")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)

@@ -344,7 +344,8 @@ def test_each_bad_input_fails_alone_with_one_line(gate_all_run, tmp_path, capsys
     assert nib.load(str(out / "good.nii.gz")).shape == nib.load(str(good)).shape
     png = np.asarray(Image.open(out / "slice.png"))
     assert png.shape == (30, 40) and set(np.unique(png)) <= {0, 255}
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz", "slice.json", "slice.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.nii.gz", "predict-summary.json", "slice.json",
+                                                     "slice.png"]
 
 
 @pytest.mark.slow
@@ -358,8 +359,8 @@ def test_existing_outputs_and_inputs_are_never_overwritten(gate_all_run, tmp_pat
     capsys.readouterr()
     assert main(["predict", "--run", str(gate_all_run), str(data), "-o", str(out)]) == 0
     assert (out / "case.nii.gz").read_bytes() == b"sentinel"
-    assert "exists, skipped" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["case.json", "case.nii.gz"]
+    assert "already done by this run and settings, skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["case.json", "case.nii.gz", "predict-summary.json"]
     assert main(["predict", "--run", str(gate_all_run), str(ct), "-o", str(out), "--overwrite"]) == 0
     assert nib.load(str(out / "case.nii.gz")).shape == nib.load(str(ct)).shape
 

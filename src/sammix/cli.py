@@ -78,11 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
-    p.add_argument("inputs", type=Path, nargs="+", help="NIfTI/NRRD files, DICOM folders, 2D images, or folders of them")
+    p.add_argument("inputs", type=Path, nargs="*",
+                   help="NIfTI/NRRD files, DICOM folders, 2D images, or folders of them (walked)")
+    p.add_argument("--manifest", type=Path, action="append", default=[], metavar="CSV",
+                   help="a CSV of inputs, one a row: INPUT[,OUTPUT_NAME] (relative to the CSV's folder); repeatable")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--preview", action="store_true", help="also write an overlay montage PNG")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip inputs whose mask and record exist from this run and settings (default); "
+                        "--no-resume redoes them, as --overwrite does")
+    p.add_argument("--overwrite", action="store_true", help="redo every input, replacing its outputs")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the inputs into this many parts (e.g. SLURM array tasks)")
+    p.add_argument("--part-id", type=int, default=0, help="the part this process does, 0..NUM_PARTS-1")
     p.add_argument("--no-cleanup", action="store_true", help="skip 3D largest-component and hole filling")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
@@ -155,11 +164,14 @@ def run(args) -> int:
     if args.command == "predict":
         from sammix.inference.predict import predict_inputs
 
-        failures = predict_inputs(args.run, args.inputs, args.out, preview=args.preview,
-                                  overwrite=args.overwrite, cleanup=not args.no_cleanup,
-                                  batch_size=args.batch_size, window=args.window, device=args.device,
-                                  precision=args.precision, slice_step=args.slice_step)
-        return 1 if failures else 0
+        if not args.inputs and not args.manifest:
+            raise SammixError("give inputs: paths, or --manifest CSV")
+        summary = predict_inputs(args.run, args.inputs, args.out, preview=args.preview,
+                                 overwrite=args.overwrite or not args.resume, cleanup=not args.no_cleanup,
+                                 batch_size=args.batch_size, window=args.window, device=args.device,
+                                 precision=args.precision, slice_step=args.slice_step, manifests=args.manifest,
+                                 num_parts=args.num_parts, part_id=args.part_id)
+        return 1 if summary["failed"] else 0
     if args.command == "export":
         from sammix.inference.export import export_onnx
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from sammix.errors import InputError
+from sammix.errors import InputError, one_line
 
 CONFIG_FILE = "config.yaml"
 BEST_WEIGHTS = "best.pt"
@@ -23,6 +23,19 @@ def check_run_folder(run: Path | str, weights: str = BEST_WEIGHTS) -> Path:
     if not (run / weights).is_file():
         raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
     return run
+
+
+def load_weights(path: Path | str) -> dict:
+    """A weights file (best.pt, last.pt) as its dict; a truncated or corrupt file is a one-line error."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001  zip, pickle and I/O errors alike: the file is unusable
+        raise InputError(path, f"cannot read the weights, truncated or corrupt? ({one_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise InputError(path, f"not a weights file (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def resolve_device(name: str = "auto"):

@@ -25,7 +25,8 @@ def run_demo(data: Path | None = None, out: Path = Path("sammix-demo"), epochs: 
     from sammix.data.io import read_volume
     from sammix.data.layouts import list_cases, load_case
     from sammix.evaluation.metrics import volume_dice
-    from sammix.inference.predict import output_stem, predict_inputs
+    from sammix.inference.batch import output_stem
+    from sammix.inference.predict import predict_inputs
     from sammix.training.train import train
 
     out = Path(out).resolve()

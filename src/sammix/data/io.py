@@ -9,7 +9,9 @@ voxel with the scan it came from.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,23 +20,21 @@ from pathlib import Path
 import numpy as np
 from nibabel import orientations as nio
 
-from sammix.errors import InputError
+from sammix.errors import InputError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg")
+# stored value -> Hounsfield units; a CT series without them is an error (they are mandatory for CT
+# and the offset, often -1024, cannot be guessed); other modalities default to slope 1, intercept 0
+RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept")
 
 # Display orientation of `Volume.axial()` as nibabel axis codes (the direction each axis runs to):
 # slices inferior -> superior, rows anterior -> posterior, columns patient's right -> left.
 AXIAL_CODES = ("S", "P", "L")
 _AXIAL_ORNT = nio.axcodes2ornt(AXIAL_CODES)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _suffix(path: Path) -> str:
@@ -122,7 +122,7 @@ def _read_nifti(path: Path) -> Volume:
         data = np.asarray(img.get_fdata(dtype=np.float32))
         affine = img.affine
     except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI ({_one_line(exc)})") from None
+        raise InputError(path, f"cannot read NIfTI ({one_line(exc)})") from None
     return _checked_volume(data, affine, path, has_spacing=True)
 
 
@@ -132,7 +132,7 @@ def _read_nrrd(path: Path) -> Volume:
     try:
         data, header = nrrd.read(str(path))
     except Exception as exc:
-        raise InputError(path, f"cannot read NRRD ({_one_line(exc)})") from None
+        raise InputError(path, f"cannot read NRRD ({one_line(exc)})") from None
     data = np.asarray(data)
     if data.ndim != 3:
         return _checked_volume(data, np.eye(4), path, has_spacing=False)  # raises with the shape
@@ -186,7 +186,7 @@ def _read_dicom_series(folder: Path) -> Volume:
         try:
             ds = pydicom.dcmread(str(f))
         except Exception as exc:
-            raise InputError(f, f"cannot read DICOM ({_one_line(exc)})") from None
+            raise InputError(f, f"cannot read DICOM ({one_line(exc)})") from None
         if "PixelData" in ds:
             slices.append((f, ds))
     if not slices:
@@ -206,11 +206,20 @@ def _read_dicom_series(folder: Path) -> Volume:
         row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
     except (AttributeError, TypeError, ValueError) as exc:
-        raise InputError(folder, f"DICOM geometry missing ({_one_line(exc)})") from None
+        raise InputError(folder, f"DICOM geometry missing ({one_line(exc)})") from None
     for f, ds in slices:
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols) or \
                 not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), iop, atol=1e-4):
             raise InputError(f, "slice size or orientation differs from the rest of the series")
+        spacing = [float(v) for v in ds.get("PixelSpacing") or []]
+        if len(spacing) != 2 or not np.allclose(spacing, (row_spacing, col_spacing), atol=1e-4):
+            raise InputError(f, f"PixelSpacing {spacing or 'missing'} differs from the rest of the series "
+                                f"({[row_spacing, col_spacing]}); resample it or convert it to NIfTI first")
+        missing = [tag for tag in RESCALE_TAGS if ds.get(tag) in (None, "")]
+        if missing and str(ds.get("Modality", "")).upper() == "CT":
+            raise InputError(f, f"CT slice without {' and '.join(missing)} (mandatory for CT): its stored "
+                                "values cannot be turned into Hounsfield units; add the tags or convert the "
+                                "series to NIfTI in HU")
     row_dir, col_dir = iop[:3], iop[3:]  # IOP: direction along a row (columns grow), then down a column
     normal = np.cross(row_dir, col_dir)
     order = np.argsort(positions @ normal, kind="stable")
@@ -227,7 +236,7 @@ def _read_dicom_series(folder: Path) -> Volume:
         try:
             pixels = ds.pixel_array.astype(np.float32)
         except Exception as exc:
-            raise InputError(f, f"cannot decode DICOM pixel data ({_one_line(exc)})") from None
+            raise InputError(f, f"cannot decode DICOM pixel data ({one_line(exc)})") from None
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         planes.append(pixels * slope + intercept)
@@ -277,7 +286,11 @@ def read_image2d(path) -> np.ndarray:
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except Exception as exc:
-        raise InputError(path, f"cannot read image ({_one_line(exc)})") from None
+        raise InputError(path, f"cannot read image ({one_line(exc)})") from None
+
+
+def _temp_name(name: str, tag: str) -> str:
+    return f".tmp-{tag}-{name}"  # same ending: writers pick formats by it
 
 
 @contextlib.contextmanager
@@ -285,13 +298,38 @@ def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")  # same ending: writers pick formats by it
+    tmp = path.with_name(_temp_name(path.name, uuid.uuid4().hex[:8]))
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temps(path) -> None:
+    """Delete the temporary files of `atomic_path(path)` that a killed process left behind (call it
+    only where no other process is writing `path`)."""
+    path = Path(path)
+    for tmp in path.parent.glob(_temp_name(glob.escape(path.name), "?" * 8)):
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(folder) -> Path:
+    """Create `folder` and write a probe file in it, so that a bad output location fails in one line
+    before any work (a file on the way, no permission, a read-only disk)."""
+    folder = Path(folder)
+    on_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if on_the_way is not None:
+        raise InputError(folder, "is a file, not a folder" if on_the_way == folder
+                         else f"cannot be a folder: {on_the_way} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(folder, f"cannot write to this folder ({exc.strerror or one_line(exc)})") from None
+    return folder
 
 
 def _input_files(volume: Volume) -> set[Path]:

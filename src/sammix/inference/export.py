@@ -408,11 +408,11 @@ class ExportedRun:
 def load_exported(run) -> ExportedRun | None:
     """The run as an `ExportedRun` when an export of its best weights exists (RUN/onnx or the
     cache, the same key `cached_export` uses), else None."""
-    from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, check_run_folder
+    from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, check_run_folder, load_weights
 
     run = check_run_folder(run)
     cfg = RunConfig.load(run / CONFIG_FILE)
-    weights = torch.load(run / BEST_WEIGHTS, map_location="cpu", weights_only=False)
+    weights = load_weights(run / BEST_WEIGHTS)
     weights = weights.get("model", weights)
     if not all(part in weights for part in ("classifier", "sam", "base_weights")):
         return None

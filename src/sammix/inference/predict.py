@@ -8,7 +8,8 @@ best-mask logits resized back to the slice's native size and thresholded -> opti
 stored voxel grid -> `<name>.nii.gz` (uint8, the input's shape and affine), `<name>.json` (a record
 of the run) and, with preview, `<name>_preview.png`. 2D images give `<name>.png` (0/255).
 
-One bad input costs one line on stderr and does not stop the others; the return value counts them.
+Many inputs (`predict_inputs`; which, named how, in which part, done or not: `batch`): one bad
+input costs one line on stderr and does not stop the others; the summary lists every failure.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from tqdm import tqdm
 from sammix import __version__
 from sammix.data import io
 from sammix.data.preprocess import resize_image, slice_to_unit, volume_to_unit
-from sammix.errors import InputError, SammixError
+from sammix.errors import SammixError, one_line
+from sammix.inference import batch
 from sammix.inference.engine import Engine
 from sammix.models.inferer import SliceInferer
 
 USE_RUN = object()  # window argument: the run's own PrepConfig window
-_SUFFIXES = io.VOLUME_SUFFIXES + io.IMAGE2D_SUFFIXES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,56 +258,6 @@ def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True
 # files
 
 
-def output_stem(path: Path) -> str:
-    """ct.nii.gz -> ct; scan.nrrd -> scan; a DICOM folder -> its name."""
-    name = path.name
-    for suffix in _SUFFIXES:
-        if path.is_file() and name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """Output names; inputs that share a name are told apart by their parent folder's name."""
-    stems = [output_stem(p) for p in paths]
-    counts = {s: stems.count(s) for s in stems}
-    named = [f"{p.parent.name}_{s}" if counts[s] > 1 else s for p, s in zip(paths, stems)]
-    seen: dict[str, int] = {}
-    result = []
-    for s in named:
-        seen[s] = seen.get(s, 0) + 1
-        result.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
-    return result
-
-
-def _input_files(paths: list[Path]) -> set[Path]:
-    files = set()
-    for p in paths:
-        files.add(p.resolve())
-        if p.is_dir():
-            files.update(f.resolve() for f in p.iterdir())
-    return files
-
-
-def _expand(raw_inputs, out: Path, report) -> tuple[list[Path], int]:
-    """find_inputs per argument (a bad one is reported and skipped); files inside the output
-    folder are left out of folder searches, so a second run does not segment its own masks."""
-    found, failures = [], 0
-    out = out.resolve()
-    for raw in raw_inputs:
-        raw = Path(raw)
-        try:
-            paths = io.find_inputs([raw])
-        except SammixError as exc:
-            report(str(exc))
-            failures += 1
-            continue
-        if raw.is_dir() and raw.resolve() in out.parents:  # the output folder is inside this input folder
-            paths = [p for p in paths if out not in p.resolve().parents and p.resolve() != out]
-        found += paths
-    return list(dict.fromkeys(found)), failures
-
-
 def _preview_image(volume: io.Volume, window) -> np.ndarray:
     """The axial slices through the window as uint8 (a quarter of float32's memory)."""
     axial = volume.axial()
@@ -329,44 +280,41 @@ def _write_png(mask: np.ndarray, path: Path) -> None:
         Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(tmp)
 
 
-def _process(engine: Engine, path: Path, stem: str, out: Path, inputs: set[Path], args: dict, bar) -> dict:
-    is_image = path.is_file() and path.name.lower().endswith(io.IMAGE2D_SUFFIXES)
-    mask_path = out / f"{stem}{'.png' if is_image else '.nii.gz'}"
-    json_path = out / f"{stem}.json"
-    preview_path = out / f"{stem}_preview.png"
-    for target in (mask_path, json_path, preview_path):
-        if target.resolve() in inputs:
-            raise InputError(target, "output would overwrite an input; choose another --out folder")
+def _process(engine: Engine, job: batch.Job, out: Path, args: dict, bar) -> dict:
+    """Segment one input into its files; the record goes last (the mark `batch.is_done` trusts)."""
+    path, targets = job.input, job.targets(out)
+    targets["record"].unlink(missing_ok=True)  # outputs are about to change: no longer done
     t0 = time.perf_counter()
-    if is_image:
+    if job.is_image:
         image = io.read_image2d(path)
         t_read = time.perf_counter() - t0
         mask, record = predict_image(engine, image, args["window"], args["cleanup"], run=args["run"])
         t0 = time.perf_counter()
-        _write_png(mask, mask_path)
+        _write_png(mask, targets["mask"])
     else:
         volume = io.read_volume(path)
         t_read = time.perf_counter() - t0
-        slices = tqdm(total=volume.axial_shape()[0], desc=stem, unit="slice", leave=False, disable=bar.disable)
+        slices = tqdm(total=volume.axial_shape()[0], desc=job.name, unit="slice", leave=False, disable=bar.disable)
         try:
             mask, record = predict_volume(engine, volume, args["window"], args["batch_size"], args["cleanup"],
                                           progress=slices, run=args["run"], slice_step=args["slice_step"])
         finally:
             slices.close()
         t0 = time.perf_counter()
-        io.write_mask(mask, volume, mask_path)
+        io.write_mask(mask, volume, targets["mask"])
         if args["preview"]:
             from sammix.viz import volume_preview
 
-            volume_preview(_preview_image(volume, record["window"]), volume.to_axial(mask), preview_path)
+            volume_preview(_preview_image(volume, record["window"]), volume.to_axial(mask), targets["preview"])
     record["timings_s"]["read"] = round(t_read, 3)
     record["timings_s"]["write"] = round(time.perf_counter() - t0, 3)
     record["timings_s"]["total"] = round(sum(record["timings_s"][k] for k in ("read", "predict_total", "write")), 3)
-    record = {"input": str(path.resolve()), "output": str(mask_path.resolve()),
-              "preview": str(preview_path.resolve()) if args["preview"] and not is_image else None, **record}
-    if is_image and args["preview"]:
+    record = {"input": str(path.resolve()), "output": str(targets["mask"].resolve()),
+              "preview": str(targets["preview"].resolve()) if args["preview"] and not job.is_image else None,
+              "run_key": args["run_key"], **record}
+    if job.is_image and args["preview"]:
         record["preview_note"] = "no preview for 2D images (the mask PNG is the picture)"
-    _write_json(record, json_path)
+    _write_json(record, targets["record"])
     return record
 
 
@@ -419,56 +367,71 @@ def make_engine(model, run: Path | None = None, precision: str = "auto", backend
 
 def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = False, cleanup: bool = True,
                    batch_size: int = 8, window=None, device: str = "auto", precision: str = "auto",
-                   backend: str = "auto", slice_step: int = 1) -> int:
-    """Segment every input into `out`; returns the number of inputs that failed.
+                   backend: str = "auto", slice_step: int = 1, manifests=(), num_parts: int = 1,
+                   part_id: int = 0) -> dict:
+    """Segment every input (paths, folders, rows of manifest CSVs) into `out`, skipping those done
+    by the same run and settings (`batch.is_done`) unless `overwrite`; the jobs of part `part_id`
+    of `num_parts` only (`batch.select_part`). Returns the summary, also written to
+    OUT/`batch.summary_name`: every job's input, predicted, skipped (done) or failed with its
+    one-line reason.
 
     run: a run folder or a SamMix; window None: the run's own window. backend "auto": ONNX Runtime
-    on a CPU (the run's export, made once and cached: `export.cached_export`), PyTorch on a GPU."""
-    out = Path(out)
+    on a CPU (the run's export, made once and cached: `export.cached_export`), PyTorch on a GPU.
+    The output folder, the inputs and the run's files are checked before any model work."""
     if batch_size < 1:
         raise SammixError(f"--batch-size must be at least 1, got {batch_size}")
     if slice_step < 1:
         raise SammixError(f"--slice-step must be at least 1, got {slice_step}")
-
-    def report(message: str) -> None:
-        tqdm.write(f"sammix predict: error: {message}", file=sys.stderr)
-
-    paths, failures = _expand(inputs, out, report)
-    if not paths:
-        return failures
-    stems = _unique_stems(paths)
-    todo = []
-    for path, stem in zip(paths, stems):
-        is_image = path.is_file() and path.name.lower().endswith(io.IMAGE2D_SUFFIXES)
-        target = out / f"{stem}{'.png' if is_image else '.nii.gz'}"
-        if target.exists() and not overwrite:
-            tqdm.write(f"sammix predict: {path}: {target} exists, skipped (--overwrite replaces it)", file=sys.stderr)
-            continue
-        todo.append((path, stem))
-    if not todo:
-        return failures
-    model, run_path = load_for_inference(run, device, precision, backend)
-    engine = make_engine(model, run_path, precision, backend)
+    out = io.check_output_folder(out)
+    jobs = batch.select_part(batch.plan_jobs(inputs, manifests, out, num_parts), num_parts, part_id)
     args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
-            "preview": preview, "run": run_path, "slice_step": slice_step}
-    inputs_set = _input_files(paths)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(todo, desc="predict", unit="input", disable=None)
-    for path, stem in bar:
-        bar.set_postfix_str(stem)
-        try:
-            record = _process(engine, path, stem, out, inputs_set, args, bar)
-        except SammixError as exc:
-            report(str(exc))
-            failures += 1
+            "preview": preview, "slice_step": slice_step,
+            "run_key": batch.run_key(run, {"window": window, "cleanup": cleanup, "slice_step": slice_step,
+                                           "precision": precision})}
+    summary = {"run": str(run), "run_key": args["run_key"], "out": str(out.resolve()), "part": [part_id, num_parts],
+               "inputs": len(jobs), "predicted": [], "skipped": [], "failed": []}
+
+    def fail(job: batch.Job, message: str) -> None:
+        tqdm.write(f"sammix predict: error: {message}", file=sys.stderr)
+        summary["failed"].append({"input": str(job.input), "error": message})
+
+    todo = []
+    for job in jobs:
+        if job.error is not None:
+            fail(job, job.error)
             continue
-        except Exception as exc:  # one broken input must not stop the others
-            first = (str(exc).strip().splitlines() or [""])[0]
-            report(f"{path}: {type(exc).__name__}: {first}")
-            failures += 1
-            continue
-        vol = record["organ_volume_ml"]
-        tqdm.write(f"{path} -> {record['output']}: {record['slices_with_organ']}/{record.get('slices', 1)} slices"
-                   f"{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
-    bar.close()
-    return failures
+        for target in job.targets(out).values():
+            io.remove_stale_temps(target)  # this part alone writes this job's files
+        if not overwrite and batch.is_done(job, out, args["run_key"], preview):
+            summary["skipped"].append(str(job.input))
+        else:
+            todo.append(job)
+    if summary["skipped"]:
+        tqdm.write(f"sammix predict: {len(summary['skipped'])} of {len(jobs)} inputs already done by this run "
+                   "and settings, skipped (--overwrite redoes them)", file=sys.stderr)
+    if todo:
+        model, args["run"] = load_for_inference(run, device, precision, backend)
+        engine = make_engine(model, args["run"], precision, backend)
+        bar = tqdm(todo, desc="predict", unit="input", disable=None)
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            try:
+                record = _process(engine, job, out, args, bar)
+            except SammixError as exc:
+                fail(job, str(exc))
+                continue
+            except Exception as exc:  # one broken input must not stop the others
+                fail(job, f"{job.input}: {one_line(exc)}")
+                continue
+            summary["predicted"].append(str(job.input))
+            vol = record["organ_volume_ml"]
+            tqdm.write(f"{job.input} -> {record['output']}: {record['slices_with_organ']}/{record.get('slices', 1)} "
+                       f"slices{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
+        bar.close()
+    summary_path = out / batch.summary_name(num_parts, part_id)
+    _write_json(summary, summary_path)
+    if summary["failed"]:
+        lines = "".join(f"\n  {f['error']}" for f in summary["failed"])
+        tqdm.write(f"sammix predict: {len(summary['failed'])} of {len(jobs)} inputs failed "
+                   f"(listed in {summary_path}):{lines}", file=sys.stderr)
+    return summary

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, ModelConfig, PrepConfig, RunConfig, check_run_folder,
-                            resolve_device)
+                            load_weights, resolve_device)
 from sammix.errors import InputError
 from sammix.models.cam import CamPrompter
 from sammix.models.classifier import build_classifier
@@ -131,7 +131,7 @@ class SamMix(nn.Module):
     def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":
         run = check_run_folder(run, weights)
         cfg = RunConfig.load(run / CONFIG_FILE)
+        state = load_weights(run / weights)
         model = cls(cfg.model, cfg.prep)
-        state = torch.load(run / weights, map_location="cpu", weights_only=False)
         model.load_trained_state(state.get("model", state), run / weights)
         return model.to(resolve_device(device)).eval()
