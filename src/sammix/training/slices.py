@@ -92,11 +92,11 @@ def apply_slice_labels(parts: list[SliceSet], rows: list[SliceRow],
             part, labels=np.array([bool(v) for v in verdict], dtype=np.uint8),
             known=np.array([v is not None for v in verdict], dtype=bool),
             has_mask=part.has_mask & (painted | looked) if sparse else part.has_mask))
-    unknown = [part.case[~part.known] for part in out]
-    if sum(map(len, unknown)):
-        n_cases = len(set(np.concatenate(unknown)))
-        print(f"warning: {sum(map(len, unknown))} slices of {n_cases} case{'s' * (n_cases != 1)} have no mask and "
-              "no slice label (--slice-labels): training does not use them", file=sys.stderr)
+    unknown = np.concatenate([part.case[~part.known] for part in out])
+    if len(unknown):
+        n_cases = len(set(unknown))
+        print(f"warning: {len(unknown)} slices of {n_cases} case{'s' * (n_cases != 1)} have no mask and no slice "
+              "label (--slice-labels): training does not use them", file=sys.stderr)
     return out
 
 
