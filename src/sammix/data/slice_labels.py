@@ -63,7 +63,7 @@ def read_slice_rows(path) -> list[SliceRow]:
     """The rows of a slice-label CSV; bad rows raise a one-line InputError naming the row."""
     path = Path(path)
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's BOM is no column name
             reader = csv.DictReader(fh)
             reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or ()]
             columns = set(reader.fieldnames)
