@@ -71,7 +71,8 @@ def test_rows_of_both_kinds_are_read_with_their_line(tmp_path):
     assert [(r.line, r.case, r.first, r.last, r.present) for r in rows] == [
         (2, "volume-1", 10, 20, None), (4, "volume-2", 7, 7, False), (5, "volume-2", 8, 8, True)]
     assert str(rows[1]) == "labels.csv row 4"
-    assert [r.present for r in read_slice_rows(_csv(tmp_path, "\ufeffCase, Slice, Present\na,3,1\n", "b.csv"))] == [True]
+    spreadsheet = _csv(tmp_path, "\ufeffCase, Slice, Present\na,3,1\n", "b.csv")  # a BOM, capitals, spaces
+    assert [r.present for r in read_slice_rows(spreadsheet)] == [True]
 
 
 @pytest.mark.parametrize("text, problem", [
