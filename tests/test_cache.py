@@ -49,6 +49,7 @@ def test_cache_contents_match_the_volumes(synthetic_root, tmp_path):
     assert data["masks"].dtype == np.uint8 and set(np.unique(data["masks"])) == {0, 1}
     np.testing.assert_array_equal(data["labels"], data["masks"].any(axis=(1, 2)))
     assert data["has_mask"].all() and 0 < data["labels"].mean() < 1  # slices with and without liver
+    assert (data["depth"] == 48).all()
     np.testing.assert_allclose(data["spacing"], np.tile([2.0 * 64 / 32, 1.0 * 64 / 32], (144, 1)))
 
     idx = cache.indices_for_cases(["volume-1"])

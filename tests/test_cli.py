@@ -21,8 +21,8 @@ def test_help_lists_every_subcommand():
 def test_train_contract_options_exist():
     result = subprocess.run([sys.executable, "-m", "sammix.cli", "train", "--help"], capture_output=True, text=True,
                             check=True)
-    for option in ["--data", "--cls-only-data", "--labeled", "--seed", "--out", "--epochs", "--window",
-                   "--backbone", "--device"]:
+    for option in ["--data", "--cls-only-data", "--slice-labels", "--annotated-slices", "--labeled", "--seed",
+                   "--out", "--epochs", "--window", "--backbone", "--device"]:
         assert option in result.stdout
 
 

@@ -113,10 +113,6 @@ def test_layout_errors_name_the_file(tmp_path, synthetic_root):
     (nothing / "readme.txt").write_text("hello")
     _expect_error(lambda: detect_layout(nothing), str(nothing), "no known dataset layout")
 
-    unlabelled = tmp_path / "unlabelled"
-    unlabelled.mkdir()
-    shutil.copy(synthetic_root("pairs") / "case000.nii.gz", unlabelled / "x.nii.gz")
-    _expect_error(lambda: list_cases(unlabelled), str(unlabelled), "no labels")
 
     lits = tmp_path / "lits"
     shutil.copytree(synthetic_root("lits"), lits)
@@ -148,6 +144,33 @@ def test_label_with_another_orientation_is_rejected(tmp_path):
     shutil.copy(tmp_path / "lps" / "case000_label.nii.gz", tmp_path / "ras" / "case000_label.nii.gz")
     (rec,) = list_cases(tmp_path / "ras")
     _expect_error(lambda: load_case(rec), "case000_label.nii.gz", "orientation LPS differs")
+
+
+def test_label_with_another_affine_is_rejected(tmp_path):
+    write_synthetic_dataset(tmp_path / "a", "pairs", 1)
+    label = tmp_path / "a" / "case000_label.nii.gz"
+    img = nib.load(str(label))
+    shifted = img.affine.copy()
+    shifted[2, 3] += 3.0  # one slice (3 mm) higher: same shape and orientation
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), str(label))
+    (rec,) = list_cases(tmp_path / "a")
+    _expect_error(lambda: load_case(rec), "case000_label.nii.gz", "label geometry (affine) differs from image "
+                                                                  "case000.nii.gz: a voxel lies up to 3.00 mm")
+    shifted[2, 3] -= 2.9  # a tenth of a mm off: the same grid as far as a mask is concerned
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), str(label))
+    assert load_case(rec)[1].any()
+
+
+def test_volumes_without_any_label_file_are_image_only(tmp_path, synthetic_root):
+    root = tmp_path / "raw"
+    root.mkdir()
+    for name in ("case000.nii.gz", "case001.nii.gz"):
+        shutil.copy(synthetic_root("pairs") / name, root / name)
+    assert detect_layout(root) == "pairs"
+    records = list_cases(root)
+    assert [(r.case_id, r.label) for r in records] == [("case000", None), ("case001", None)]
+    volume, mask = load_case(records[0])
+    assert isinstance(volume, Volume) and mask is None
 
 
 def test_slices_without_masks_have_unknown_labels(tmp_path, synthetic_root):

@@ -64,7 +64,8 @@ def test_sampler_is_seeded_spread_and_only_picks_labelled_organ_slices():
     assert set(cache.case[sample_labeled(cache, train, 8, seed=5)]) == {"c0", "c1"}
     with pytest.raises(SammixError, match="only 8 slices"):
         sample_labeled(cache, train, 9, seed=0)
-    assert sample_labeled(cache, train, 0, seed=0) == []
+    eligible = train[cache.has_mask[train] & (cache.labels[train] == 1)]
+    assert sample_labeled(cache, train, 0, seed=0) == sorted(eligible)  # k = 0: every one
 
 
 def test_sampler_on_a_real_cache_respects_the_split(synthetic_root, tmp_path):

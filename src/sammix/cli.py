@@ -35,6 +35,13 @@ def _add_set_option(p: argparse.ArgumentParser) -> None:
                         "model.cam_threshold=0.3; repeatable")
 
 
+def _labeled(args) -> int:
+    """--labeled, by default 50, or 0 (every painted slice) for sparse annotations."""
+    if args.labeled is not None:
+        return args.labeled
+    return 0 if args.annotated_slices else TrainConfig.labeled
+
+
 def _prep_config(args) -> PrepConfig:
     return PrepConfig(window=args.window, size=args.size, middle_fraction=args.middle_fraction,
                       organ=args.organ)
@@ -51,10 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train SAM-Mix on k labelled slices")
     p.add_argument("--data", type=Path, action="append", required=True,
-                   help="dataset with masks (slice labels and the k labelled slices); repeatable")
+                   help="dataset with masks (slice labels and the k labelled slices), or sparse masks "
+                        "(--annotated-slices), or images only (--slice-labels); repeatable")
     p.add_argument("--cls-only-data", type=Path, action="append", default=[],
                    help="dataset whose slices only train the classifier; repeatable")
-    p.add_argument("--labeled", type=int, default=TrainConfig.labeled, help="k labelled slices")
+    p.add_argument("--slice-labels", type=Path, default=None, metavar="CSV",
+                   help="slice labels without masks: rows case,first,last (the organ on exactly those slices, "
+                        "0 the most inferior) or case,slice,present (0 or 1); see README")
+    p.add_argument("--annotated-slices", type=Path, default=None, metavar="CSV",
+                   help="the label volumes are painted on some slices only: only painted slices, and those this "
+                        "file (case,slice,present) lists, are labelled; the others get --slice-labels or the "
+                        "painted z-extent")
+    p.add_argument("--labeled", type=int, default=None,
+                   help=f"k labelled slices; 0: all (default {TrainConfig.labeled}, with --annotated-slices all)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--out", type=Path, required=True, help="run folder (resumed if it exists)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -146,10 +162,12 @@ def run(args) -> int:
             prep=_prep_config(args),
             model=ModelConfig(backbone=args.backbone, checkpoint=args.checkpoint,
                               classifier=args.classifier, lora_rank=args.lora_rank),
-            train=TrainConfig(labeled=args.labeled, seed=args.seed, epochs=args.epochs,
+            train=TrainConfig(labeled=_labeled(args), seed=args.seed, epochs=args.epochs,
                               batch_size=args.batch_size, device=args.device),
             data=[str(d) for d in args.data],
             cls_only_data=[str(d) for d in args.cls_only_data],
+            slice_labels=str(args.slice_labels) if args.slice_labels else None,
+            annotated_slices=str(args.annotated_slices) if args.annotated_slices else None,
         )
         train(apply_overrides(cfg, args.overrides), args.out, cache_dir=args.cache_dir)
         return 0

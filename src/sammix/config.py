@@ -84,7 +84,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    labeled: int = 50
+    labeled: int = 50  # 0: every labelled training slice
     seed: int = 0
     epochs: int = 10
     batch_size: int = 4  # SAM slices per step
@@ -128,6 +128,8 @@ class RunConfig(YamlConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     data: list[str] = field(default_factory=list)
     cls_only_data: list[str] = field(default_factory=list)
+    slice_labels: str | None = None  # CSV of slice labels without masks (data/slice_labels.py)
+    annotated_slices: str | None = None  # CSV of looked-at slices: the label volumes are sparse annotations
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
@@ -138,6 +140,8 @@ class RunConfig(YamlConfig):
             train=TrainConfig(**raw.get("train", {})),
             data=raw.get("data", []),
             cls_only_data=raw.get("cls_only_data", []),
+            slice_labels=raw.get("slice_labels"),
+            annotated_slices=raw.get("annotated_slices"),
         )
 
 

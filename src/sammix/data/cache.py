@@ -4,7 +4,8 @@ One file per (input files, PrepConfig), named by a hash of both, so re-running o
 reuses it. Datasets (N = slices, S = PrepConfig.size): images (N,S,S) uint8, masks (N,S,S) uint8
 0/1, labels (N,) uint8 organ present (meaningful only where has_mask), has_mask (N,) bool, case
 (N,) str, slice_index (N,) int32 (axial index, slice 0 most inferior; for 2D slices the number in
-the file name), spacing (N,2) float32 mm per resized pixel (rows, cols; NaN unknown).
+the file name), depth (N,) int32 axial slices of the slice's whole volume (0 for 2D slices:
+unknown), spacing (N,2) float32 mm per resized pixel (rows, cols; NaN unknown).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sammix.data.preprocess import (middle_slices, resize_image, resize_mask, re
                                     to_uint8, volume_to_unit)
 from sammix.errors import InputError
 
-CACHE_VERSION = 1  # bump when the cache contents change for the same inputs
+CACHE_VERSION = 2  # bump when the cache contents change for the same inputs
 
 
 def default_cache_dir() -> Path:
@@ -54,7 +55,7 @@ def cache_key(records: list[CaseRecord], prep: PrepConfig) -> str:
 
 
 def _slices_of_volume(rec: CaseRecord, prep: PrepConfig):
-    """Yield (image uint8, mask uint8 | None, slice index, spacing) for one volume case."""
+    """Yield (image uint8, mask uint8 | None, slice index, depth, spacing) for one volume case."""
     volume, mask = load_case(rec, prep.organ)
     hu = volume.axial()
     mask_ax = volume.to_axial(mask) if mask is not None else None
@@ -62,7 +63,7 @@ def _slices_of_volume(rec: CaseRecord, prep: PrepConfig):
     for z in middle_slices(len(hu), prep.middle_fraction):
         image = to_uint8(resize_image(volume_to_unit(hu[z], prep.window), prep.size))
         m = resize_mask(mask_ax[z], prep.size) if mask_ax is not None else None
-        yield image, m, z, resized_spacing(spacing[1:] if spacing else None, hu.shape[1:], prep.size)
+        yield image, m, z, len(hu), resized_spacing(spacing[1:] if spacing else None, hu.shape[1:], prep.size)
 
 
 def _slices_of_images(recs: list[CaseRecord], prep: PrepConfig):
@@ -72,7 +73,7 @@ def _slices_of_images(recs: list[CaseRecord], prep: PrepConfig):
         unit = slice_to_unit(image, prep.window)
         m = resize_mask(mask, prep.size) if mask is not None else None
         index = rec.slice_index if rec.slice_index is not None else position
-        yield to_uint8(resize_image(unit, prep.size)), m, index, (float("nan"), float("nan"))
+        yield to_uint8(resize_image(unit, prep.size)), m, index, 0, (float("nan"), float("nan"))
 
 
 class _Writer:
@@ -86,10 +87,10 @@ class _Writer:
         opts = dict(chunks=chunk, compression="lzf", shuffle=False)
         self.images = h5.create_dataset("images", (0, size, size), np.uint8, maxshape=(None, size, size), **opts)
         self.masks = h5.create_dataset("masks", (0, size, size), np.uint8, maxshape=(None, size, size), **opts)
-        self.rows = {"labels": [], "has_mask": [], "case": [], "slice_index": [], "spacing": []}
+        self.rows = {"labels": [], "has_mask": [], "case": [], "slice_index": [], "depth": [], "spacing": []}
         self.h5, self.size, self._str = h5, size, h5py.string_dtype()
 
-    def add(self, case: str, image, mask, index: int, spacing) -> None:
+    def add(self, case: str, image, mask, index: int, depth: int, spacing) -> None:
         for ds in (self.images, self.masks):
             ds.resize(self.n + 1, axis=0)
         self.images[self.n] = image
@@ -98,6 +99,7 @@ class _Writer:
         self.rows["has_mask"].append(mask is not None)
         self.rows["case"].append(case)
         self.rows["slice_index"].append(int(index))
+        self.rows["depth"].append(int(depth))
         self.rows["spacing"].append(spacing)
         self.n += 1
 
@@ -107,6 +109,7 @@ class _Writer:
         self.h5.create_dataset("has_mask", data=np.array(r["has_mask"], dtype=bool).reshape(-1))
         self.h5.create_dataset("case", data=np.array(r["case"], dtype=object).reshape(-1), dtype=self._str)
         self.h5.create_dataset("slice_index", data=np.array(r["slice_index"], dtype=np.int32).reshape(-1))
+        self.h5.create_dataset("depth", data=np.array(r["depth"], dtype=np.int32).reshape(-1))
         self.h5.create_dataset("spacing", data=np.array(r["spacing"], dtype=np.float32).reshape(-1, 2))
 
 
@@ -137,8 +140,8 @@ def prepare_dataset(root, prep: PrepConfig | None = None, cache_dir=None, progre
                        file=sys.stderr)
             for case, recs in bar:
                 slices = _slices_of_images(recs, prep) if layout == "slices" else _slices_of_volume(recs[0], prep)
-                for image, mask, index, spacing in slices:
-                    writer.add(case, image, mask, index, spacing)
+                for row in slices:
+                    writer.add(case, *row)
             writer.finish()
             h5.attrs.update(source_root=str(root.resolve()), layout=layout, version=CACHE_VERSION,
                             prep=json.dumps(dataclasses.asdict(prep)), n_cases=len(groups))
@@ -160,6 +163,7 @@ class SliceCache:
                 self.has_mask = h5["has_mask"][:]
                 self.case = h5["case"].asstr()[:].astype(str)
                 self.slice_index = h5["slice_index"][:]
+                self.depth = h5["depth"][:]
                 self.spacing = h5["spacing"][:]
                 self.attrs = dict(h5.attrs)
         except (OSError, KeyError) as exc:
@@ -186,11 +190,11 @@ class SliceCache:
                 "slice_index": int(self.slice_index[i]), "spacing": self.spacing[i]}
 
     def load(self) -> dict[str, np.ndarray]:
-        """Every dataset in memory: images, masks, labels, has_mask, case, slice_index, spacing."""
+        """Every dataset in memory: images, masks, labels, has_mask, case, slice_index, depth, spacing."""
         f = self._file()
         return {"images": f["images"][:], "masks": f["masks"][:], "labels": self.labels.copy(),
                 "has_mask": self.has_mask.copy(), "case": self.case.copy(),
-                "slice_index": self.slice_index.copy(), "spacing": self.spacing.copy()}
+                "slice_index": self.slice_index.copy(), "depth": self.depth.copy(), "spacing": self.spacing.copy()}
 
     def image(self, i: int) -> np.ndarray:
         """(S, S) uint8 image of slice i (divide by 255 for the model input)."""

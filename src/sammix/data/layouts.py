@@ -3,11 +3,13 @@
 Layouts: "lits" (volume-N / segmentation-N), "msd" (imagesTr/, labelsTr/, dataset.json),
 "totalseg" (<case>/ct.nii.gz + <case>/segmentations/<organ>.nii.gz, or one such case folder),
 "slices" (images/<case>_<slice>.png + optional masks/ with the same names), "pairs" (X.nii.gz +
-X_label/_seg/_mask.nii.gz, or images/ + labels/), and "dicom" (DICOM series folders, unlabelled).
+X_label/_seg/_mask.nii.gz, or images/ + labels/; a folder of volumes without any label file is
+image-only), and "dicom" (DICOM series folders, unlabelled).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -109,7 +111,7 @@ def detect_layout(root) -> str:
     if _dicom_folders(root):
         return "dicom"
     if _files_with(root, VOLUME_SUFFIXES):
-        raise InputError(root, "NIfTI/NRRD volumes but no labels (expected X_label.nii.gz, X_seg or X_mask beside X)")
+        return "pairs"  # image-only volumes
     raise InputError(root, "no known dataset layout (LiTS volume-N/segmentation-N, MSD imagesTr/labelsTr, "
                            "TotalSegmentator <case>/ct.nii.gz, images/ + masks/ PNG slices, "
                            "NIfTI image/label pairs, or a DICOM series)")
@@ -237,9 +239,9 @@ def _pair_cases(root: Path) -> list[CaseRecord]:
         stem = _strip_suffix(image.name)
         if _is_label_name(image.name):
             continue
-        if stem not in labels:
+        if labels and stem not in labels:  # no label file at all: image-only volumes
             raise InputError(image, f"volume without its label ({stem}_label.nii.gz, {stem}_seg or {stem}_mask)")
-        records.append(CaseRecord(stem, image, labels[stem], "pairs"))
+        records.append(CaseRecord(stem, image, labels.get(stem), "pairs"))
     return records
 
 
@@ -269,6 +271,13 @@ def _binary(label: np.ndarray, values: list[int] | None) -> np.ndarray:
     return np.isin(np.rint(label).astype(np.int64), values).astype(np.uint8)
 
 
+def _largest_shift(volume: Volume, affine: np.ndarray) -> float:
+    """How far (mm) `affine` puts a voxel of `volume` from where the volume's own affine does (the
+    largest over the grid, which is at a corner)."""
+    corners = np.array([[*c, 1] for c in itertools.product(*[(0, n - 1) for n in volume.data.shape])], dtype=float)
+    return float(np.linalg.norm(corners @ (affine - volume.affine)[:3].T, axis=1).max())
+
+
 def load_case(record: CaseRecord, organ: str = "liver") -> tuple[Volume | np.ndarray, np.ndarray | None]:
     """(Volume, mask on its stored grid) or, for "slices", (2D image, 2D mask); mask uint8 0/1 or None."""
     if record.layout == "slices":
@@ -291,8 +300,13 @@ def load_case(record: CaseRecord, organ: str = "liver") -> tuple[Volume | np.nda
                                        f"{Path(record.image).name} {volume.data.shape}")
     from nibabel.orientations import aff2axcodes
 
-    if volume.has_spacing and label.has_spacing and aff2axcodes(volume.affine) != aff2axcodes(label.affine):
-        raise InputError(record.label, f"label orientation {''.join(aff2axcodes(label.affine))} differs from "
-                                       f"image {Path(record.image).name} {''.join(aff2axcodes(volume.affine))}")
+    if volume.has_spacing and label.has_spacing:
+        if aff2axcodes(volume.affine) != aff2axcodes(label.affine):
+            raise InputError(record.label, f"label orientation {''.join(aff2axcodes(label.affine))} differs from "
+                                           f"image {Path(record.image).name} {''.join(aff2axcodes(volume.affine))}")
+        shift = _largest_shift(volume, label.affine)
+        if shift > 0.5 * min(volume.axial_spacing()):
+            raise InputError(record.label, f"label geometry (affine) differs from image {Path(record.image).name}: "
+                                           f"a voxel lies up to {shift:.2f} mm from its place in the image")
     values = _msd_label_values(Path(record.image).parent.parent, organ) if record.layout == "msd" else None
     return volume, _binary(label.data, values)

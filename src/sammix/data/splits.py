@@ -33,13 +33,15 @@ def split_cases(case_ids, val_fraction: float = 0.15, test_fraction: float = 0.1
 
 def sample_labeled(cache, candidate_indices, k: int, seed: int = 0) -> list[int]:
     """k slice indices with a mask showing the organ, spread over cases (round robin over a seeded
-    shuffle of the cases, a seeded shuffle of slices within each); sorted, deterministic.
+    shuffle of the cases, a seeded shuffle of slices within each); sorted, deterministic. k = 0:
+    every such slice.
 
     `cache`: anything with per-slice `has_mask`, `labels` and `case` arrays (a SliceCache)."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     candidates = np.unique(np.asarray(candidate_indices, dtype=np.int64))
     eligible = candidates[cache.has_mask[candidates] & (cache.labels[candidates] > 0)]
+    k = k or len(eligible)
     if len(eligible) < k:
         organ = getattr(getattr(cache, "prep", None), "organ", "organ")
         raise SammixError(f"asked for {k} labelled slices but only {len(eligible)} slices with a "

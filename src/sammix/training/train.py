@@ -30,7 +30,7 @@ from sammix.models.sammix import SamMix
 from sammix.training.augment import random_affine, random_intensity
 from sammix.models.classifier import classification_loss
 from sammix.training.losses import segmentation_loss
-from sammix.training.slices import SliceSet, load_sources
+from sammix.training.slices import SliceSet, load_training_sources
 
 LAST = "last.pt"
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
@@ -115,22 +115,28 @@ class Trainer:
         self.resuming = _prepare_run(cfg, self.out)
         self.gen = seed_everything(t.seed)
 
-        self.data = load_sources(cfg.data, cfg.prep, cache_dir, masks=True)
-        self.cls_only = load_sources(cfg.cls_only_data, cfg.prep, cache_dir, masks=False) if cfg.cls_only_data else None
-        self.split = split_cases(sorted(set(self.data.case)), t.val_fraction, t.test_fraction, seed=t.split_seed)
+        self.data, self.cls_only = load_training_sources(cfg, cache_dir)
+        # cases without any mask can be neither validated nor tested: they train (the classifier) only
+        masked = set(self.data.case[self.data.has_mask])
+        self.split = split_cases(sorted(masked), t.val_fraction, t.test_fraction, seed=t.split_seed)
+        self.split["train"] = sorted({*self.split["train"], *(set(self.data.case) - masked)})
         train_idx = self.data.indices_for(self.split["train"])
-        self.val_idx = self.data.indices_for(self.split["val"])
+        val_idx = self.data.indices_for(self.split["val"])
+        self.val_idx = val_idx[self.data.known[val_idx]]  # slices whose label is known
         self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
+        if not len(self.labeled):
+            raise SammixError(f"{', '.join(cfg.data)}: no {cfg.prep.organ} mask in the training cases to train SAM on")
         write_json(self.split, self.out / "split.json")
         write_json([{"case": self.data.case[i], "slice": int(self.data.slice_index[i])} for i in self.labeled],
                    self.out / "labeled.json")
 
-        # classifier pool: every training slice of --data + all --cls-only-data, with slice labels
-        # only; masks are known for the k labelled slices alone (the few-label setting)
+        # classifier pool: every training slice of --data + all --cls-only-data whose slice label is
+        # known; masks are known for the k labelled slices alone (the few-label setting)
         self.cls_pool = self.data.subset(train_idx)
         self.cls_pool.has_mask = np.isin(train_idx, self.labeled)
         if self.cls_only is not None:
             self.cls_pool = self.cls_pool.concat(self.cls_only)
+        self.cls_pool = self.cls_pool.subset(self.cls_pool.known)
         self.rng = np.random.default_rng(t.seed)
         self.model = SamMix(cfg.model, cfg.prep).to(self.device)
         self.opt_cls = torch.optim.AdamW(self.model.classifier.parameters(), lr=t.lr_classifier,
