@@ -42,6 +42,11 @@ def _labeled(args) -> int:
     return 0 if args.annotated_slices else TrainConfig.labeled
 
 
+def _add_inference_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="an inference setting of the run, e.g. model.propagate=true (volume context); repeatable")
+
+
 def _prep_config(args) -> PrepConfig:
     return PrepConfig(window=args.window, size=args.size, middle_fraction=args.middle_fraction,
                       organ=args.organ)
@@ -92,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", choices=["all", "test", "val", "train"],
                    help="which cases of DATA to score: all, or a part of the run's own split")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_inference_set_option(p)
+    p.add_argument("--diagnose", action="store_true",
+                   help="also score the true box (fine-tuned and pretrained) and name the cause of every "
+                        "slice below Dice 0.5, with a figure of them beside METRICS.json")
 
     p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
     p.add_argument("inputs", type=Path, nargs="*",
@@ -118,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-step", type=int, default=1,
                    help="SAM sees every Nth organ slice; a slice between two that agree (mask Dice >= 0.9) "
                         "is interpolated from them, otherwise SAM sees it too. 1 (default): every slice")
+    _add_inference_set_option(p)
 
     p = sub.add_parser("export", help="export a trained run (ONNX)")
     p.add_argument("--run", type=Path, required=True)
@@ -175,9 +185,16 @@ def run(args) -> int:
         from sammix.evaluation.evaluate import evaluate_run
 
         metrics = evaluate_run(args.run, args.data, args.out, window=args.window, split=args.split,
-                               device=args.device)
+                               device=args.device, diagnose=args.diagnose, overrides=args.overrides)
         print(f"{metrics['n_slices']} slices: Dice {metrics['dice_mean']:.3f} +- {metrics['dice_std']:.3f}, "
               f"HD95 {metrics['hd95_mean']:.1f} px -> {args.out}")
+        if args.diagnose:
+            d = metrics["diagnosis"]
+            causes = ", ".join(f"{k} {v}" for k, v in d.get("failures_by_cause", {}).items())
+            print(f"diagnosis: Dice with the CAM prompt {d.get('dice_cam_mean', float('nan')):.3f}, "
+                  f"true box {d.get('dice_true_box_mean', float('nan')):.3f}, pretrained + true box "
+                  f"{d.get('dice_true_box_pretrained_mean', float('nan')):.3f}; "
+                  f"{len(d.get('failures', []))} slices below {d.get('below', 0.5)}: {causes}")
         return 0
     if args.command == "predict":
         from sammix.inference.predict import predict_inputs
@@ -188,7 +205,7 @@ def run(args) -> int:
                                  overwrite=args.overwrite or not args.resume, cleanup=not args.no_cleanup,
                                  batch_size=args.batch_size, window=args.window, device=args.device,
                                  precision=args.precision, slice_step=args.slice_step, manifests=args.manifest,
-                                 num_parts=args.num_parts, part_id=args.part_id)
+                                 num_parts=args.num_parts, part_id=args.part_id, overrides=args.overrides)
         return 1 if summary["failed"] else 0
     if args.command == "export":
         from sammix.inference.export import export_onnx

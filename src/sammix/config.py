@@ -59,6 +59,10 @@ class PrepConfig:
     organ: str = "liver"
 
 
+# ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
+INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate")
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "litemedsam"  # litemedsam | sam_vit_b | sam_vit_l | sam_vit_h
@@ -75,6 +79,7 @@ class ModelConfig:
     mask_prompt: str = "none"  # CAM as SAM's dense mask prompt too: soft | blob | none (box only; see docs/results.md)
     cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
+    propagate: bool = False  # volumes: prompt each slice with its neighbour's mask box (SliceInferer._propagate)
 
     def with_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None):
         """This config with the gate and CAM thresholds replaced; None keeps the current one."""
@@ -180,3 +185,15 @@ def apply_overrides(cfg, items: list[str]):
             raise SammixError(f"--set {item!r}: {key} takes a {type(old).__name__}, got {value!r}")
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(part, **{name: value})})
     return cfg
+
+
+def with_inference_overrides(model: ModelConfig, items: list[str]) -> ModelConfig:
+    """`--set model.FIELD=VALUE` for `evaluate` and `predict`: a trained run's ModelConfig with
+    inference settings (`INFERENCE_SETTINGS`) changed; anything else would not match the weights."""
+    from sammix.errors import SammixError
+
+    for item in items:
+        if item.partition("=")[0].strip() not in {f"model.{name}" for name in INFERENCE_SETTINGS}:
+            raise SammixError(f"--set {item!r}: a trained run takes only inference settings here: "
+                              + ", ".join(f"model.{name}" for name in INFERENCE_SETTINGS))
+    return apply_overrides(RunConfig(model=model), items).model

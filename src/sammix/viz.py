@@ -118,8 +118,9 @@ def _columns(n: int) -> int:
 # -------------------------------------------------------------------------------------- figures
 
 def overlay_montage(images, masks, path, pred=None, titles=None, max_panels: int = 16,
-                    panel_px: int = 256, columns: int | None = None) -> Path:
-    """A grid of slices: ground truth green (fill + contour), prediction red contour.
+                    panel_px: int = 256, columns: int | None = None, boxes=None) -> Path:
+    """A grid of slices: ground truth green (fill + contour), prediction red contour, and the
+    prompt box yellow where `boxes` (N, 4) xyxy are given.
 
     `images` (N, H, W) in [0, 1], uint8 or HU; `masks`, `pred` (N, H, W) or None. More than
     `max_panels` slices are thinned evenly.
@@ -127,7 +128,7 @@ def overlay_montage(images, masks, path, pred=None, titles=None, max_panels: int
     n = len(images)
     if n == 0:
         raise ValueError("overlay_montage needs at least one image")
-    for name, other in (("masks", masks), ("pred", pred), ("titles", titles)):
+    for name, other in (("masks", masks), ("pred", pred), ("titles", titles), ("boxes", boxes)):
         if other is not None and len(other) != n:
             raise ValueError(f"{name} has {len(other)} entries for {n} images")
     chosen = _pick(n, max_panels)
@@ -140,6 +141,9 @@ def overlay_montage(images, masks, path, pred=None, titles=None, max_panels: int
             continue
         i = chosen[slot]
         _show(ax, np.asarray(images[i]), None if masks is None else masks[i], None if pred is None else pred[i])
+        if boxes is not None and np.all(np.isfinite(boxes[i])):
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, linewidth=1.5, edgecolor=BOX_COLOR))
         if titles is not None:
             _label(ax, str(titles[i]))
         if has_gt and has_pred:

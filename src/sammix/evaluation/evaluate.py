@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sammix.config import INFERENCE_SETTINGS, with_inference_overrides
 from sammix.data.io import atomic_path
 from sammix.errors import InputError
 from sammix.evaluation.metrics import slice_metrics, summarize, volume_dice
 from sammix.masks import box_iou, mask_to_box
+from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
 from sammix.training.slices import load_sources
 
@@ -70,31 +72,72 @@ def per_case_dice(slices, idx: np.ndarray, masks: np.ndarray) -> dict[str, float
     return result
 
 
-def predict_all(model: SamMix, images: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
-    """Run the model over uint8 slices (N,S,S) in batches; numpy results."""
-    parts = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
-        parts.append(model.predict_slices(x))
-    return {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+def _adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
+    """`idx` cut into the runs of adjacent slices (consecutive slice indices) of each case, each
+    in order from inferior to superior."""
+    runs = []
+    for case in dict.fromkeys(slices.case[idx]):
+        sel = idx[slices.case[idx] == case]
+        sel = sel[np.argsort(slices.slice_index[sel])]
+        cuts = np.flatnonzero(np.diff(slices.slice_index[sel]) != 1) + 1
+        runs.extend(np.split(sel, cuts))
+    return runs
+
+
+def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
+    """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
+    masks, probs, present, cams, boxes, scores. With volume context (`ModelConfig.propagate`), each
+    run of adjacent slices of a case is predicted as a volume (`SliceInferer.predict_volume`)."""
+    images = slices.images[idx]
+    if not model.cfg.propagate:
+        parts = []
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+            x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
+            parts.append(model.predict_slices(x))
+        return {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
+    n, s = len(idx), images.shape[-1]
+    out = {"masks": np.zeros((n, s, s), bool), "probs": np.zeros(n, np.float32), "present": np.zeros(n, bool),
+           "cams": np.zeros((n, s, s), np.float32), "boxes": np.full((n, 4), np.nan, np.float32),
+           "scores": np.zeros(n, np.float32)}
+    where = {int(i): j for j, i in enumerate(idx)}
+    inferer = SliceInferer(model.eval())
+    for run in tqdm(_adjacent_runs(slices, idx), desc=desc, unit="volume", leave=False):
+        pos = [where[int(i)] for i in run]
+        x = torch.from_numpy(slices.images[run].astype(np.float32) / 255.0).unsqueeze(1)
+        res = inferer.predict_volume(x, batch_size=batch_size)
+        out["masks"][pos] = (res["logits"] > 0).numpy()
+        out["probs"][pos], out["present"][pos], out["boxes"][pos] = res["probs"], res["present"], res["boxes"]
+    return out
 
 
 def evaluate_run(run: Path, data: Path, out: Path, window=None, split: str = "all",
-                 device: str = "auto", cache_dir: Path | None = None) -> dict:
+                 device: str = "auto", cache_dir: Path | None = None, diagnose: bool = False,
+                 overrides=()) -> dict:
+    """Score `run` on `data` into METRICS.json `out`; with `diagnose`, add where the Dice goes
+    (`evaluation.diagnose`) and a figure of the failed slices beside `out`; `overrides`: inference
+    settings (`config.with_inference_overrides`)."""
     run, out = Path(run), Path(out)
     model = SamMix.load(run, device=device)
+    model.cfg = with_inference_overrides(model.cfg, list(overrides))
     prep = model.prep if window is None else replace(model.prep, window=window)
     slices = load_sources([data], prep, cache_dir, masks=True)
     idx = select_split(slices.case, run, split)
     start = time.time()
-    pred = predict_all(model, slices.images[idx])
+    pred = predict_all(model, slices, idx)
     seconds = time.time() - start
     metrics = score_predictions(slices, idx, pred)
     case_dice = per_case_dice(slices, idx, pred["masks"])
     if case_dice:
         metrics["dice3d_per_case"] = case_dice
         metrics["dice3d_mean"] = float(np.nanmean(list(case_dice.values())))
+    if diagnose:
+        from sammix.evaluation.diagnose import diagnose as diagnosis
+
+        figure = out.with_name(out.name.removesuffix(".json") + "_failures.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metrics["diagnosis"] = diagnosis(model, slices, idx, pred, figure)
     metrics.update({"run": str(run), "data": str(data), "split": split, "window": prep.window,
+                    "inference": {k: getattr(model.cfg, k) for k in INFERENCE_SETTINGS},
                     "n_slices_total": int(len(idx)), "seconds": round(seconds, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sammix import __version__
+from sammix.config import INFERENCE_SETTINGS
 from sammix.errors import SammixError
 
 OPSET = 17
@@ -193,13 +194,13 @@ def onnx_session(path, threads: int | None = None):
 def state_key(state: dict, model_cfg, size: int) -> str:
     """sha256 of what decides the exported graphs: the trained tensors (`SamMix.trained_state`, as a
     run's weights file holds them), the base weights, the architecture settings, S and the versions
-    (not thresholds or window: those stay in Python)."""
+    (not thresholds, window or the other `INFERENCE_SETTINGS`: those stay in Python)."""
     digest = hashlib.sha256()
     for part in ("classifier", "sam"):
         for name in sorted(state[part]):
             digest.update(name.encode())
             digest.update(state[part][name].detach().cpu().contiguous().numpy().tobytes())
-    arch = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("cls_threshold", "cam_threshold")}
+    arch = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in INFERENCE_SETTINGS}
     digest.update(json.dumps({"base": state["base_weights"], "model": arch, "size": size,
                               "sammix": __version__, "torch": torch.__version__, "opset": OPSET, "format": FORMAT},
                              sort_keys=True, default=str).encode())
@@ -388,17 +389,14 @@ def cached_export(model, run: Path | None = None, cache_dir: Path | None = None,
 
 class ExportedRun:
     """A trained run served by its ONNX export alone (`load_exported`): what `Engine` (backend
-    "onnx") and `predict` read of a SamMix (settings, thresholds, CAM prompts), without building
+    "onnx") and `predict` read of a SamMix (settings and thresholds), without building
     the PyTorch model, so `sammix predict` starts seconds sooner."""
 
     device = torch.device("cpu")
 
     def __init__(self, cfg, weights: dict, onnx_dir: Path):
-        from sammix.models.cam import CamPrompts
-
         self.cfg = cfg.model.with_thresholds(weights.get("cls_threshold"), weights.get("cam_threshold"))
         self.prep = cfg.prep
-        self.prompter = CamPrompts(self.cfg.cam_threshold, mask_mode=self.cfg.mask_prompt)
         self.onnx_dir = Path(onnx_dir)
 
     def eval(self) -> "ExportedRun":

@@ -28,6 +28,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sammix import __version__
+from sammix.config import with_inference_overrides
 from sammix.data import io
 from sammix.data.preprocess import resize_image, slice_to_unit, volume_to_unit
 from sammix.errors import SammixError, one_line
@@ -368,14 +369,15 @@ def make_engine(model, run: Path | None = None, precision: str = "auto", backend
 def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = False, cleanup: bool = True,
                    batch_size: int = 8, window=None, device: str = "auto", precision: str = "auto",
                    backend: str = "auto", slice_step: int = 1, manifests=(), num_parts: int = 1,
-                   part_id: int = 0) -> dict:
+                   part_id: int = 0, overrides=()) -> dict:
     """Segment every input (paths, folders, rows of manifest CSVs) into `out`, skipping those done
     by the same run and settings (`batch.is_done`) unless `overwrite`; the jobs of part `part_id`
     of `num_parts` only (`batch.select_part`). Returns the summary, also written to
     OUT/`batch.summary_name`: every job's input, predicted, skipped (done) or failed with its
     one-line reason.
 
-    run: a run folder or a SamMix; window None: the run's own window. backend "auto": ONNX Runtime
+    run: a run folder or a SamMix; window None: the run's own window; `overrides`: inference
+    settings (`config.with_inference_overrides`). backend "auto": ONNX Runtime
     on a CPU (the run's export, made once and cached: `export.cached_export`), PyTorch on a GPU.
     The output folder, the inputs and the run's files are checked before any model work."""
     if batch_size < 1:
@@ -387,7 +389,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
     args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
             "preview": preview, "slice_step": slice_step,
             "run_key": batch.run_key(run, {"window": window, "cleanup": cleanup, "slice_step": slice_step,
-                                           "precision": precision})}
+                                           "precision": precision, "overrides": sorted(overrides)})}
     summary = {"run": str(run), "run_key": args["run_key"], "out": str(out.resolve()), "part": [part_id, num_parts],
                "inputs": len(jobs), "predicted": [], "skipped": [], "failed": []}
 
@@ -411,6 +413,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
                    "and settings, skipped (--overwrite redoes them)", file=sys.stderr)
     if todo:
         model, args["run"] = load_for_inference(run, device, precision, backend)
+        model.cfg = with_inference_overrides(model.cfg, list(overrides))
         engine = make_engine(model, args["run"], precision, backend)
         bar = tqdm(todo, desc="predict", unit="input", disable=None)
         for job in bar:

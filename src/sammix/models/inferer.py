@@ -21,6 +21,10 @@ from sammix.masks import dice_score, expand_box, mask_to_box
 
 # --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
 INTERPOLATE_MIN_DICE = 0.9
+# volume context (`SliceInferer._propagate`)
+PROPAGATE_GROW = 0.1  # a neighbour's mask box grown by this share of its size (+2 px) on each side
+PROPAGATE_MIN_AREA = 0.001  # share of the slice: a smaller mask means the organ has ended
+PROPAGATE_MIN_SCORE = 0.7  # SAM's predicted IoU below which a slice the gate rejects ends the organ
 
 
 class Backend(Protocol):
@@ -121,15 +125,18 @@ class SliceInferer:
 
     # -- volumes --------------------------------------------------------------------------------
     def predict_volume(self, x: torch.Tensor, gate: bool = True, slice_step: int = 1, batch_size: int = 8,
-                       progress=None) -> dict:
-        """The ordered slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs", "present",
-        "segmented" (Z,) bool: the slices SAM saw}.
+                       progress=None, propagate: bool | None = None) -> dict:
+        """The ordered, adjacent slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs",
+        "present", "segmented" (Z,) bool: the slices SAM saw, "boxes" (Z,4): the box each was
+        prompted with (NaN where SAM did not run)}.
 
-        The gate and CAMs of the whole volume come first. `slice_step` > 1: in each run of
-        consecutive organ slices SAM sees every slice_step-th slice and the last; a slice
-        between two that SAM saw gets their mask logits blended linearly in z where the two
-        masks agree (Dice >= INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle slice and
-        each half is treated the same way, down to neighbours."""
+        The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
+        run's `ModelConfig.propagate`; see `_propagate`), or SAM with CAM prompts on the present
+        slices; with `slice_step` > 1, in each run of consecutive organ slices SAM sees every
+        slice_step-th slice and the last; a slice between two that SAM saw gets their mask logits
+        blended linearly in z where the two masks agree (Dice >= INTERPOLATE_MIN_DICE), and
+        otherwise SAM sees the middle slice and each half is treated the same way, down to
+        neighbours."""
         if slice_step < 1:
             raise ValueError(f"slice_step must be >= 1, got {slice_step}")
         z = x.shape[0]
@@ -141,13 +148,26 @@ class SliceInferer:
                 cams = torch.empty(z, self.size, self.size) if cams is None else cams
                 cams[start:start + len(c)] = c
         present = present.numpy()
+        propagate = self.cfg.propagate if propagate is None else propagate
+        boxes = torch.full((z, 4), float("nan"))
+        if propagate and cams is not None and present.any():
+            logits, segmented = self._propagate(x, cams, probs.numpy(), present, boxes, progress)
+        else:
+            logits, segmented = self._stepped(x, cams, present, slice_step, batch_size, boxes, progress)
+        if progress is not None:
+            progress.update(z - int(segmented.sum()))
+        return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented,
+                "boxes": boxes.numpy()}
+
+    def _stepped(self, x, cams, present, slice_step: int, batch_size: int, boxes: torch.Tensor, progress):
+        z = x.shape[0]
         logits = torch.zeros(z, self.size, self.size)
         segmented = np.zeros(z, bool)
 
         def run_sam(indices: list[int]) -> None:
             for i in range(0, len(indices), batch_size):
                 chunk = torch.tensor(indices[i:i + batch_size], dtype=torch.long)
-                logits[chunk] = self.segment(x[chunk], None if cams is None else cams[chunk])[0]
+                logits[chunk], _, boxes[chunk] = self.segment(x[chunk], None if cams is None else cams[chunk])
                 segmented[chunk.numpy()] = True
                 if progress is not None:
                     progress.update(len(chunk))
@@ -165,6 +185,56 @@ class SliceInferer:
                     middles.append((a, (a + b) // 2, b))
             run_sam([m for _, m, _ in middles])
             gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
-        if progress is not None:
-            progress.update(z - int(segmented.sum()))
-        return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented}
+        return logits, segmented
+
+    def _propagate(self, x, cams, probs: np.ndarray, present: np.ndarray, boxes: torch.Tensor, progress):
+        """Volume context: SAM from the slice the model is surest of, outwards.
+
+        The seed is the present slice with the highest organ probability in the longest run of
+        present slices, segmented with its CAM prompt. Each neighbour is then prompted with the
+        box of the mask next to it, grown by PROPAGATE_GROW; where the gate passes the slice,
+        SAM's answer to the CAM box is the check: when the propagated mask has lost the organ
+        (it overlaps the neighbour's mask less than the CAM answer does), the CAM answer is
+        taken. The walk stops at the organ's end: the first slice whose mask is smaller than
+        PROPAGATE_MIN_AREA of the slice, or that the gate rejects while SAM's score for it is
+        below PROPAGATE_MIN_SCORE. Slices beyond the ends are organ-free."""
+        z = x.shape[0]
+        logits = torch.zeros(z, self.size, self.size)
+        segmented = np.zeros(z, bool)
+        first, last = max(_runs(present), key=lambda r: r[1] - r[0])
+        seed = first + int(np.argmax(probs[first:last + 1]))
+        min_area = PROPAGATE_MIN_AREA * self.size * self.size
+
+        def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
+            emb = self.backend.encode(x[i:i + 1].float().contiguous())
+            out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
+                                                     torch.from_numpy(np.stack(boxes)).float(), None))
+            segmented[i] = True
+            if progress is not None:
+                progress.update(1)
+            return [(out[0][k], float(out[1][k])) for k in range(len(boxes))]
+
+        start = self.prompter.prompts(cams[seed:seed + 1])[0][0].numpy()
+        logits[seed] = sam(seed, [start])[0][0]
+        boxes[seed] = torch.from_numpy(start)
+        for step in (1, -1):
+            prev = seed
+            for i in range(seed + step, z if step > 0 else -1, step):
+                box = mask_to_box(logits[prev] > 0)
+                if box is None:
+                    break
+                grown = expand_box(box, PROPAGATE_GROW, self.size, pixels=2.0)
+                if present[i]:
+                    cam_box = self.prompter.prompts(cams[i:i + 1])[0][0].numpy()
+                    (mine, score), (cam_mask, _) = sam(i, [grown, cam_box])
+                    near = logits[prev] > 0
+                    if dice_score(cam_mask > 0, near) > dice_score(mine > 0, near):
+                        mine, grown = cam_mask, cam_box
+                else:
+                    ((mine, score),) = sam(i, [grown])
+                area = int((mine > 0).sum())
+                if area < min_area or (not present[i] and score < PROPAGATE_MIN_SCORE):
+                    break
+                logits[i], boxes[i] = mine, torch.from_numpy(grown)
+                prev = i
+        return logits, segmented
