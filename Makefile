@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sammix-installed
 
-.PHONY: install test demo clean
+.PHONY: install test test-all demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the fast tier (CI): unit and contract tests, tiny models, the real models where a contract needs them
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# everything: adds real training, experiment grids, the registry download and end-to-end predictions
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

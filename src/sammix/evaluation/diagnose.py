@@ -41,16 +41,19 @@ def failure_cause(present: bool, box, gt: np.ndarray, pred: np.ndarray) -> str:
     return "mask leak" if pred.sum() > gt.sum() else "mask shrink"
 
 
-def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = None) -> dict:
+def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = None, pretrained=None) -> dict:
     """The diagnosis of predictions `pred` (masks, present, boxes per index of `idx`, as
-    `evaluate.predict_all` gives them) of `model` (a SamMix) on `slices`."""
-    from sammix.models.sammix import SamMix
-
+    `evaluate.predict_all` gives them) of `model` (a SamMix) on `slices`. `pretrained`: the
+    backbone before fine-tuning (default: a new SamMix of the same config, whose LoRA is zero
+    and whose decoder is the pretrained one)."""
     rows = np.flatnonzero(slices.has_mask[idx] & slices.labels[idx].astype(bool))
     if not len(rows):
         return {"n_slices": 0}
     images, gts = slices.images[idx[rows]], slices.masks[idx[rows]] > 0
-    pretrained = SamMix(model.cfg, model.prep).to(model.device).eval()  # LoRA starts at zero: the backbone
+    if pretrained is None:
+        from sammix.models.sammix import SamMix
+
+        pretrained = SamMix(model.cfg, model.prep).to(model.device).eval()
     tuned_box = _true_box_masks(model, images, gts)
     backbone_box = _true_box_masks(pretrained, images, gts)
     per_slice, failures = [], []
