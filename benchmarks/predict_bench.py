@@ -44,8 +44,9 @@ def _window(run):
     if not run:
         return WINDOW
     from sammix.config import RunConfig
+    from sammix.runfolder import RunFolder
 
-    return RunConfig.load(Path(run) / "config.yaml").prep.window
+    return RunConfig.load(RunFolder(run).config).prep.window
 
 
 def _since_process_start() -> float:

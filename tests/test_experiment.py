@@ -93,6 +93,7 @@ def test_report_folder_has_the_table_the_scores_and_the_figures(grid):
     for method in GRID_METHODS:
         assert sum(line.startswith(f"| {METHODS[method].label} |") for line in report.splitlines()) == 1, method
     assert "Dice train" in report and "HD95 cross" in report
+    assert "## Where the Dice goes (SAM-Mix)" in report and "| sammix-k2-s0 | cross |" in report
     assert spec.command in report and "Wall time" in report
     for png in ("dice_boxplot.png", "qualitative.png", "cam.png"):
         data = (out / png).read_bytes()

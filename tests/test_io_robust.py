@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sammix.config import load_weights
+from sammix.runfolder import RunFolder
 from sammix.data.io import atomic_path, check_output_folder, read_volume, remove_stale_temps
 from sammix.data.synthetic import synthetic_ct, write_dicom_series
 from sammix.errors import InputError
@@ -109,15 +109,16 @@ def test_output_folder_checks_name_the_problem(tmp_path, read_only_folder):
 
 
 def test_truncated_or_foreign_weights_are_one_line_errors(tmp_path):
+    run = RunFolder(tmp_path)
     good = tmp_path / "good.pt"
     torch.save({"model": {"w": torch.zeros(1000)}}, good)
-    assert set(load_weights(good)) == {"model"}
+    assert set(run.load_weights("good.pt")) == {"model"}
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(InputError, match="truncated or corrupt") as err:
-        load_weights(cut)
+        run.load_weights("cut.pt")
     _one_line_naming(err, cut)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
     with pytest.raises(InputError, match="not a weights file"):
-        load_weights(tensor)
+        run.load_weights("tensor.pt")

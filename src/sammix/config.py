@@ -1,5 +1,5 @@
-"""Every knob of a run in one typed config; saved as config.yaml in each run folder. Also the run
-folder's layout and the choice of device (cheap to import: no model code)."""
+"""Every knob of a run in one typed config; saved as config.yaml in each run folder
+(`runfolder.RunFolder`). Also the choice of device (cheap to import: no model code)."""
 
 from __future__ import annotations
 
@@ -9,34 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from sammix.errors import InputError, one_line
-
-CONFIG_FILE = "config.yaml"
-BEST_WEIGHTS = "best.pt"
-
-
-def check_run_folder(run: Path | str, weights: str = BEST_WEIGHTS) -> Path:
-    """The run folder as a Path, once it holds a config and the weights (else a one-line error)."""
-    run = Path(run)
-    if not (run / CONFIG_FILE).is_file():
-        raise InputError(run, f"not a sammix run folder (no {CONFIG_FILE})")
-    if not (run / weights).is_file():
-        raise InputError(run / weights, "no trained weights (has training finished an epoch?)")
-    return run
-
-
-def load_weights(path: Path | str) -> dict:
-    """A weights file (best.pt, last.pt) as its dict; a truncated or corrupt file is a one-line error."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001  zip, pickle and I/O errors alike: the file is unusable
-        raise InputError(path, f"cannot read the weights, truncated or corrupt? ({one_line(exc)})") from None
-    if not isinstance(state, dict):
-        raise InputError(path, f"not a weights file (holds a {type(state).__name__}, not a dict)")
-    return state
-
+from sammix.errors import InputError
 
 def resolve_device(name: str = "auto"):
     """"auto" | "cpu" | "cuda" -> torch.device ("auto": CUDA when torch sees a GPU)."""

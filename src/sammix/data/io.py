@@ -307,6 +307,15 @@ def atomic_path(path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def write_json(obj, path) -> Path:
+    """`obj` as indented JSON at `path`, atomically (numpy scalars, paths and the like as strings)."""
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+    return Path(path)
+
+
 def remove_stale_temps(path) -> None:
     """Delete the temporary files of `atomic_path(path)` that a killed process left behind (call it
     only where no other process is writing `path`)."""

@@ -7,7 +7,6 @@ case when the data are volumes."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from sammix.config import INFERENCE_SETTINGS, with_inference_overrides
-from sammix.data.io import atomic_path
+from sammix.data.io import write_json
 from sammix.errors import InputError
 from sammix.evaluation.metrics import slice_metrics, summarize, volume_dice
 from sammix.masks import box_iou, mask_to_box
 from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
+from sammix.runfolder import RunFolder
 from sammix.training.slices import load_sources
 
 
@@ -30,11 +30,11 @@ def select_split(cases: np.ndarray, run: Path, split: str) -> np.ndarray:
     """Indices of the slices whose case belongs to `split` of the run's own case split."""
     if split == "all":
         return np.arange(len(cases))
-    parts = json.loads((run / "split.json").read_text())
+    parts = RunFolder(run).split()
     wanted = {c.split("/", 1)[-1] for c in parts[split]} | set(parts[split])
     idx = np.flatnonzero([c in wanted for c in cases])
     if len(idx) == 0:
-        raise InputError(run / "split.json", f"no case of its '{split}' part is in this dataset")
+        raise InputError(RunFolder(run) / RunFolder.SPLIT, f"no case of its '{split}' part is in this dataset")
     return idx
 
 
@@ -140,6 +140,5 @@ def evaluate_run(run: Path, data: Path, out: Path, window=None, split: str = "al
                     "inference": {k: getattr(model.cfg, k) for k in INFERENCE_SETTINGS},
                     "n_slices_total": int(len(idx)), "seconds": round(seconds, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=1))
+    write_json(metrics, out)
     return metrics

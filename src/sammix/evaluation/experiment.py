@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig
+from sammix.data.io import write_json
 from sammix.errors import InputError, SammixError
+from sammix.runfolder import RunFolder
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -296,7 +298,7 @@ def cell_config(spec: ExperimentSpec, cell: Cell):
 def config_diff(run: Path, cfg) -> list[str]:
     """How the run folder's config.yaml differs from `cfg` ("model.lora_rank: 8 -> 4"); [] when it
     is the same or there is none yet."""
-    path = run / "config.yaml"
+    path = RunFolder(run).config
     if not path.is_file():
         return []
     try:
@@ -318,15 +320,11 @@ def config_diff(run: Path, cfg) -> list[str]:
 
 
 def _same_config(run: Path, cfg) -> bool:
-    return (run / "config.yaml").is_file() and not config_diff(run, cfg)
+    return RunFolder(run).config.is_file() and not config_diff(run, cfg)
 
 
 def _last_epoch(run: Path) -> int:
-    log = run / "log.jsonl"
-    if not log.is_file():
-        return 0
-    epochs = [json.loads(line).get("epoch", 0) for line in log.read_text().splitlines() if line.strip()]
-    return max(epochs, default=0)
+    return max((row.get("epoch", 0) for row in RunFolder(run).log()), default=0)
 
 
 def _weights_stamp(run: Path) -> str:
@@ -339,13 +337,6 @@ def _weights_stamp(run: Path) -> str:
         return "untrained"
     st = best.stat()
     return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def _write_json(obj, path: Path) -> None:
-    from sammix.data.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=str))
 
 
 class Grid:
@@ -368,7 +359,6 @@ class Grid:
     def train_cell(self, cell: Cell, run: Path) -> str:
         """Train the cell's run folder; returns "trained", "reused" or "untrained"."""
         from sammix.models.baselines import NNUNET_DONE
-        from sammix.training.train import write_json
 
         m, cfg = METHODS[cell.method], cell_config(self.spec, cell)
         diff = config_diff(run, cfg)
@@ -377,14 +367,13 @@ class Grid:
             raise SammixError(f"{run} was made with other settings ({shown}); use another --out, "
                               "or delete this run folder to redo the cell")
         if not m.trained:
-            run.mkdir(parents=True, exist_ok=True)
-            cfg.save(run / "config.yaml")
-            write_json(self.split, run / "split.json")
+            RunFolder(run).prepare(cfg)
+            RunFolder(run).write_split(self.split, [])
             return "untrained"
         if m.family == "nnunet":
             finished = _same_config(run, cfg) and (run / NNUNET_DONE).is_file()
         else:
-            finished = _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and (run / "best.pt").is_file()
+            finished = _same_config(run, cfg) and _last_epoch(run) >= cfg.train.epochs and RunFolder(run).best.is_file()
         if finished:
             return "reused"
         if self.spec.no_train:
@@ -401,7 +390,7 @@ class Grid:
             from sammix.training.train import train
 
             train(cfg, run, cache_dir=self.cache)
-        saved = json.loads((run / "split.json").read_text())
+        saved = RunFolder(run).split()
         if sorted(saved["test"]) != sorted(self.split["test"]):
             raise SammixError(f"{run}: its test cases differ from the experiment's split")
         return "trained"
@@ -420,7 +409,7 @@ class Grid:
             return NnUNetModel(run, device)
         if m.trained:
             return SamMix.load(run, device)
-        cfg = RunConfig.load(run / "config.yaml")
+        cfg = RunConfig.load(RunFolder(run).config)
         return SamMix(cfg.model, cfg.prep).to(resolve_device(device)).eval()
 
     def predict(self, model, cell: Cell, ts: TestSet) -> dict:
@@ -478,6 +467,11 @@ class Grid:
         per_slice = metrics.pop("per_slice")
         result = {"key": key, "cell": cell.name, "test_set": ts.name, "domain": ts.domain,
                   "seconds": round(seconds, 2), "summary": metrics, "per_slice": per_slice}
+        if cell.method == "sammix":  # where the Dice goes (evaluate --diagnose)
+            from sammix.evaluation.diagnose import diagnose
+
+            diagnosis = diagnose(model_box[0], ts.slices, ts.idx, pred, run / "eval" / f"{ts.name}_failures.png")
+            result["diagnosis"] = {k: v for k, v in diagnosis.items() if k != "per_slice"}
         from sammix.data.io import atomic_path
 
         with atomic_path(run / "eval" / f"{ts.name}.npz") as tmp:
@@ -486,7 +480,7 @@ class Grid:
                                     shape=np.array(pred["masks"].shape), present=pred["present"],
                                     boxes=pred["boxes"], qual=ts.qual,
                                     qual_cams=pred["qual_cams"].astype(np.float16))
-        _write_json(result, path)
+        write_json(result, path)
         return result, False
 
     # -- one cell ---------------------------------------------------------------------------
@@ -527,7 +521,7 @@ class Grid:
             self.log(f"{cell.name}: FAILED: {status['error']} (traceback in {run / 'error.txt'})")
         status["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         run.mkdir(parents=True, exist_ok=True)
-        _write_json(status, status_path)
+        write_json(status, status_path)
         return status
 
     # -- everything -------------------------------------------------------------------------
@@ -544,7 +538,7 @@ class Grid:
             raise SammixError("the grid is empty: no method to run")
         test_sets, self.split = load_test_sets(self.spec)
         asked = dataclasses.asdict(self.spec)
-        _write_json({
+        write_json({
             "command": self.spec.command, "spec": asked, "cells": [c.name for c in cells],
             "split": self.split,
             "test_sets": {ts.name: {"domain": ts.domain, "paths": ts.paths, "n_slices": len(ts.idx),

@@ -183,6 +183,29 @@ def write_figures(spec, cells, test_sets, evals, out: Path) -> dict[str, str]:
     return notes
 
 
+def _diagnosis_table(cells, test_sets, evals) -> list[str]:
+    """"Where the Dice goes" for the SAM-Mix cells (`evaluation.diagnose`)."""
+    rows = []
+    for c in cells:
+        for ts in test_sets:
+            d = evals.get((c.name, ts.name), {}).get("diagnosis")
+            if not d or not d.get("n_slices"):
+                continue
+            causes = ", ".join(f"{k} {v}" for k, v in d["failures_by_cause"].items() if v) or "none"
+            rows.append(f"| {c.name} | {ts.name} | {d['dice_cam_mean']:.3f} | {d['dice_true_box_mean']:.3f} | "
+                        f"{d['dice_true_box_pretrained_mean']:.3f} | {len(d['failures'])} of {d['n_slices']}: "
+                        f"{causes} | {d['failures_where_true_box_above_0.8']} |")
+    if not rows:
+        return []
+    return ["## Where the Dice goes (SAM-Mix)", "",
+            "Per-slice Dice with the CAM prompt (as run), with each slice's true box given to the same "
+            "fine-tuned model, and with the true box given to the pretrained backbone; the slices below "
+            "Dice 0.5 by cause (box on wrong structure: IoU with the true box < 0.3); the last column counts "
+            "those where the true box gives above 0.8. Figures: runs/<cell>/eval/<test set>_failures.png.", "",
+            "| cell | test set | CAM prompt | true box | pretrained + true box | below 0.5 | of them, true box > 0.8 |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def write_report(spec, cells, statuses, test_sets, out: Path, wall_seconds: float) -> Path:
     from sammix.evaluation.experiment import METHODS
 
@@ -259,6 +282,7 @@ def write_report(spec, cells, statuses, test_sets, out: Path, wall_seconds: floa
                   "![CAM](cam.png)", ""]
     else:
         lines += [f"cam.png {notes.get('cam.png', 'not drawn')}.", ""]
+    lines += _diagnosis_table(cells, test_sets, evals)
     if failed:
         lines += ["## Failed cells", "", "| cell | error |", "|---|---|"]
         for s in failed:

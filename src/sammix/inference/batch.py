@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sammix.config import BEST_WEIGHTS, CONFIG_FILE, check_run_folder
+from sammix.runfolder import RunFolder
 from sammix.data import io
 from sammix.errors import InputError, SammixError, one_line
 
@@ -162,9 +162,9 @@ def run_key(run, settings: dict) -> str | None:
     (window, clean-up, ...). None for a model given as an object: its outputs are always redone."""
     if not isinstance(run, (str, Path)):
         return None
-    run = check_run_folder(run)
+    run = RunFolder(run).check()
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, BEST_WEIGHTS):
+    for name in (RunFolder.CONFIG, RunFolder.BEST):
         with open(run / name, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)

@@ -406,15 +406,16 @@ class ExportedRun:
 def load_exported(run) -> ExportedRun | None:
     """The run as an `ExportedRun` when an export of its best weights exists (RUN/onnx or the
     cache, the same key `cached_export` uses), else None."""
-    from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, check_run_folder, load_weights
+    from sammix.config import RunConfig
+    from sammix.runfolder import RunFolder
 
-    run = check_run_folder(run)
-    cfg = RunConfig.load(run / CONFIG_FILE)
-    weights = load_weights(run / BEST_WEIGHTS)
+    run = RunFolder(run).check()
+    cfg = RunConfig.load(run.config)
+    weights = run.load_weights()
     weights = weights.get("model", weights)
     if not all(part in weights for part in ("classifier", "sam", "base_weights")):
         return None
-    folder = find_export(state_key(weights, cfg.model, int(cfg.prep.size)), run)
+    folder = find_export(state_key(weights, cfg.model, int(cfg.prep.size)), run.path)
     return None if folder is None else ExportedRun(cfg, weights, folder)
 
 

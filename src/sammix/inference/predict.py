@@ -14,7 +14,6 @@ input costs one line on stderr and does not stop the others; the summary lists e
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -269,11 +268,6 @@ def _preview_image(volume: io.Volume, window) -> np.ndarray:
     return out
 
 
-def _write_json(record: dict, path: Path) -> None:
-    with io.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
-
-
 def _write_png(mask: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -315,7 +309,7 @@ def _process(engine: Engine, job: batch.Job, out: Path, args: dict, bar) -> dict
               "run_key": args["run_key"], **record}
     if job.is_image and args["preview"]:
         record["preview_note"] = "no preview for 2D images (the mask PNG is the picture)"
-    _write_json(record, targets["record"])
+    io.write_json(record, targets["record"])
     return record
 
 
@@ -432,7 +426,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
                        f"slices{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
         bar.close()
     summary_path = out / batch.summary_name(num_parts, part_id)
-    _write_json(summary, summary_path)
+    io.write_json(summary, summary_path)
     if summary["failed"]:
         lines = "".join(f"\n  {f['error']}" for f in summary["failed"])
         tqdm.write(f"sammix predict: {len(summary['failed'])} of {len(jobs)} inputs failed "

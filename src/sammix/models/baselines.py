@@ -21,10 +21,10 @@ import torch
 import yaml
 from torch import nn
 
-from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, PrepConfig, TrainConfig, YamlConfig, check_run_folder,
-                            resolve_device)
+from sammix.config import PrepConfig, TrainConfig, YamlConfig, resolve_device
 from sammix.errors import InputError, SammixError
 from sammix.masks import mask_to_box
+from sammix.runfolder import RunFolder
 
 ARCHS = ("unet", "swinunetr")
 ALL_LABELED = 0  # train.labeled == 0: every labelled training slice (full supervision)
@@ -68,7 +68,7 @@ class BaselineRunConfig(YamlConfig):
 
 
 def is_baseline_run(run: Path | str) -> bool:
-    path = Path(run) / CONFIG_FILE
+    path = RunFolder(run).config
     if not path.is_file():
         return False
     return (yaml.safe_load(path.read_text()) or {}).get("kind") == "baseline"
@@ -132,11 +132,11 @@ class SegNet(nn.Module):
         return self.predict_slices(x)["masks"][0].numpy().astype(np.uint8)
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SegNet":
-        run = check_run_folder(run, weights)
-        cfg = BaselineRunConfig.load(run / CONFIG_FILE)
+    def load(cls, run: Path | str, device: str = "auto", weights: str = RunFolder.BEST) -> "SegNet":
+        run = RunFolder(run).check(weights)
+        cfg = BaselineRunConfig.load(run.config)
         model = cls(cfg.net, cfg.prep)
-        state = torch.load(run / weights, map_location="cpu", weights_only=False)
+        state = run.load_weights(weights)
         model.net.load_state_dict(state["model"])
         return model.to(resolve_device(device)).eval()
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sammix.config import (BEST_WEIGHTS, CONFIG_FILE, ModelConfig, PrepConfig, RunConfig, check_run_folder,
-                            load_weights, resolve_device)
+from sammix.config import ModelConfig, PrepConfig, RunConfig, resolve_device
 from sammix.errors import InputError
 from sammix.models.cam import CamPrompter
 from sammix.models.classifier import build_classifier
 from sammix.models.inferer import SliceInferer
+from sammix.runfolder import RunFolder
 from sammix.models.sam import (
     base_weights_info,
     build_sam,
@@ -128,10 +128,10 @@ class SamMix(nn.Module):
         self.prompter.threshold = self.cfg.cam_threshold
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto", weights: str = BEST_WEIGHTS) -> "SamMix":
-        run = check_run_folder(run, weights)
-        cfg = RunConfig.load(run / CONFIG_FILE)
-        state = load_weights(run / weights)
+    def load(cls, run: Path | str, device: str = "auto", weights: str = RunFolder.BEST) -> "SamMix":
+        run = RunFolder(run).check(weights)
+        cfg = RunConfig.load(run.config)
+        state = run.load_weights(weights)
         model = cls(cfg.model, cfg.prep)
         model.load_trained_state(state.get("model", state), run / weights)
         return model.to(resolve_device(device)).eval()

@@ -12,52 +12,32 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sammix.data.io import atomic_path
+from sammix.config import resolve_device
+from sammix.data.io import atomic_path, write_json
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
-from sammix.config import BEST_WEIGHTS, CONFIG_FILE, resolve_device
 from sammix.models.baselines import (ALL_LABELED, NNUNET_DATASET, NNUNET_DATASET_ID,
                                      NNUNET_DONE, BaselineRunConfig, NnUNetRunConfig, SegNet, nnunet_command,
                                      nnunet_device, nnunet_env, run_logged)
 from sammix.training.augment import random_affine, random_intensity
 from sammix.training.losses import segmentation_loss
+from sammix.masks import dice_score
+from sammix.runfolder import RunFolder
 from sammix.training.slices import load_sources
-from sammix.training.train import dice_score, save_atomic, seed_everything, write_json
-
-LAST = "last.pt"
-
-
-def _prepare_run(cfg, out: Path) -> bool:
-    """Create the run folder or check that it holds this same config. True when resuming."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / CONFIG_FILE
-    if cfg_path.exists():
-        try:
-            saved = asdict(type(cfg).load(cfg_path))
-        except Exception:  # a SAM-Mix config, or an unreadable one
-            saved = None
-        if saved != asdict(cfg):
-            raise SammixError(f"{out}: this run folder holds a different config ({cfg_path}); "
-                              "use another --out, or delete it to start over")
-        return (out / LAST).exists()
-    with atomic_path(cfg_path) as tmp:
-        cfg.save(tmp)
-    return False
-
+from sammix.training.train import seed_everything
 
 class BaselineTrainer:
     def __init__(self, cfg: BaselineRunConfig, out: Path, cache_dir: Path | None = None):
-        self.cfg, self.out = cfg, Path(out)
+        self.cfg, self.out = cfg, RunFolder(out)
         t = cfg.train
         self.device = resolve_device(t.device)
-        self.resuming = _prepare_run(cfg, self.out)
+        self.resuming = self.out.prepare(cfg)
         self.gen = seed_everything(t.seed)
 
         self.data = load_sources(cfg.data, cfg.prep, cache_dir, masks=True)
@@ -70,9 +50,8 @@ class BaselineTrainer:
             self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
         if len(self.labeled) == 0:
             raise SammixError(f"{', '.join(cfg.data)}: no labelled training slice to train {cfg.net.arch} on")
-        write_json(self.split, self.out / "split.json")
-        write_json([{"case": self.data.case[i], "slice": int(self.data.slice_index[i])} for i in self.labeled],
-                   self.out / "labeled.json")
+        self.out.write_split(self.split, [{"case": self.data.case[i], "slice": int(self.data.slice_index[i])}
+                                          for i in self.labeled])
 
         self.model = SegNet(cfg.net, cfg.prep).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.net.lr, weight_decay=t.weight_decay)
@@ -82,15 +61,15 @@ class BaselineTrainer:
             self._load_last()
 
     def _save_last(self) -> None:
-        save_atomic({
+        self.out.save({
             "epoch": self.epoch, "best": self.best, "model": self.model.net.state_dict(),
             "opt": self.opt.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
                     "numpy": np.random.get_state(), "python": random.getstate()},
-        }, self.out / LAST)
+        }, RunFolder.LAST)
 
     def _load_last(self) -> None:
-        state = torch.load(self.out / LAST, map_location="cpu", weights_only=False)
+        state = self.out.load_weights(RunFolder.LAST)
         self.model.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -158,11 +137,10 @@ class BaselineTrainer:
             score = val.get("val_dice", -seg_loss)
             if score > self.best:
                 self.best = score
-                save_atomic({"model": self.model.net.state_dict(), "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
+                self.out.save({"model": self.model.net.state_dict(), "epoch": epoch, **val}, RunFolder.BEST)
                 row["best"] = True
             self._save_last()
-            with open(self.out / "log.jsonl", "a") as log:
-                log.write(json.dumps(row) + "\n")
+            self.out.append_log(row)
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return {"best_val_dice": self.best}
 
@@ -207,7 +185,7 @@ def train_nnunet(cfg: NnUNetRunConfig, out: Path, cache_dir: Path | None = None)
     checkpoint by nnU-Net's validation Dice, as the other baselines do. Reuses a finished run and
     continues an interrupted one."""
     out = Path(out)
-    _prepare_run(cfg, out)
+    RunFolder(out).prepare(cfg)
     if (out / NNUNET_DONE).is_file():
         return json.loads((out / NNUNET_DONE).read_text())
     train_cmd = nnunet_command("nnUNetv2_train")
@@ -215,10 +193,9 @@ def train_nnunet(cfg: NnUNetRunConfig, out: Path, cache_dir: Path | None = None)
     t = cfg.train
     data = load_sources(cfg.data, cfg.prep, cache_dir, masks=True)
     split = split_cases(sorted(set(data.case)), t.val_fraction, t.test_fraction, seed=t.split_seed)
-    write_json(split, out / "split.json")
     tr, va = (data.indices_for(split[p]) for p in ("train", "val"))
     tr, va = tr[data.has_mask[tr]], va[data.has_mask[va]]
-    write_json([{"case": data.case[i], "slice": int(data.slice_index[i])} for i in tr], out / "labeled.json")
+    RunFolder(out).write_split(split, [{"case": data.case[i], "slice": int(data.slice_index[i])} for i in tr])
     env, log = nnunet_env(out), out / "nnunet.log"
     pre = out / "nnUNet_preprocessed" / NNUNET_DATASET
     if not (pre / "nnUNetPlans.json").is_file():

@@ -8,10 +8,8 @@ gate and CAM thresholds chosen on validation; what `SamMix.load` reads).
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +17,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sammix.config import BEST_WEIGHTS, CONFIG_FILE, RunConfig, resolve_device
-from sammix.data.io import atomic_path
+from sammix.config import RunConfig, resolve_device
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
 from sammix.masks import box_iou, dice_score, mask_to_box
 from sammix.models.cam import cam_to_box
+from sammix.models.classifier import classification_loss
 from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
+from sammix.runfolder import RunFolder
 from sammix.training.augment import random_affine, random_intensity
-from sammix.models.classifier import classification_loss
 from sammix.training.losses import segmentation_loss
 from sammix.training.slices import SliceSet, load_training_sources
 
-LAST = "last.pt"
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
 GATE_MARGIN = 1.0  # logits; see gate_threshold
 
@@ -53,16 +50,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def save_atomic(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def write_json(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1))
-
-
 def _batches(indices: np.ndarray, size: int):
     for i in range(0, len(indices), size):
         yield indices[i:i + size]
@@ -70,26 +57,6 @@ def _batches(indices: np.ndarray, size: int):
 
 def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1).to(device)
-
-
-def _prepare_run(cfg: RunConfig, out: Path) -> bool:
-    """Create the run folder or check that it holds this same config. True when resuming."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / CONFIG_FILE
-    if cfg_path.exists():
-        saved = RunConfig.load(cfg_path)
-        if asdict(saved) != asdict(cfg):
-            raise SammixError(f"{out}: this run folder holds a different config ({cfg_path}); "
-                              "use another --out, or delete it to start over")
-        return (out / LAST).exists()
-    with atomic_path(cfg_path) as tmp:
-        cfg.save(tmp)
-    return False
-
-
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two bool masks (validation's quick score; reported metrics come from MONAI)."""
-    return float(2 * (pred & gt).sum() / max(pred.sum() + gt.sum(), 1))
 
 
 def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
@@ -109,10 +76,10 @@ def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, cache_dir: Path | None = None):
-        self.cfg, self.out = cfg, Path(out)
+        self.cfg, self.out = cfg, RunFolder(out)
         t = cfg.train
         self.device = resolve_device(t.device)
-        self.resuming = _prepare_run(cfg, self.out)
+        self.resuming = self.out.prepare(cfg)
         self.gen = seed_everything(t.seed)
 
         self.data, self.cls_only = load_training_sources(cfg, cache_dir)
@@ -126,9 +93,8 @@ class Trainer:
         self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
         if not len(self.labeled):
             raise SammixError(f"{', '.join(cfg.data)}: no {cfg.prep.organ} mask in the training cases to train SAM on")
-        write_json(self.split, self.out / "split.json")
-        write_json([{"case": self.data.case[i], "slice": int(self.data.slice_index[i])} for i in self.labeled],
-                   self.out / "labeled.json")
+        self.out.write_split(self.split, [{"case": self.data.case[i], "slice": int(self.data.slice_index[i])}
+                                          for i in self.labeled])
 
         # classifier pool: every training slice of --data + all --cls-only-data whose slice label is
         # known; masks are known for the k labelled slices alone (the few-label setting)
@@ -154,17 +120,17 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save_last(self) -> None:
-        save_atomic({
+        self.out.save({
             "epoch": self.epoch, "best": self.best, "model": self.model.trained_state(),
             "opt_cls": self.opt_cls.state_dict(), "opt_sam": self.opt_sam.state_dict(),
             "sched_cls": self.sched_cls.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(), "np": self.rng.bit_generator.state,
                     "numpy": np.random.get_state(), "python": random.getstate()},
-        }, self.out / LAST)
+        }, RunFolder.LAST)
 
     def _load_last(self) -> None:
-        state = torch.load(self.out / LAST, map_location="cpu", weights_only=False)
-        self.model.load_trained_state(state["model"], self.out / LAST)
+        state = self.out.load_weights(RunFolder.LAST)
+        self.model.load_trained_state(state["model"], self.out.last)
         self.opt_cls.load_state_dict(state["opt_cls"])
         self.opt_sam.load_state_dict(state["opt_sam"])
         self.sched_cls.load_state_dict(state["sched_cls"])
@@ -351,11 +317,10 @@ class Trainer:
             if score > self.best:
                 self.best = score
                 weights = {**self.model.trained_state(), "cls_threshold": self.model.cfg.cls_threshold}
-                save_atomic({"model": weights, "epoch": epoch, **val}, self.out / BEST_WEIGHTS)
+                self.out.save({"model": weights, "epoch": epoch, **val}, RunFolder.BEST)
                 row["best"] = True
             self._save_last()
-            with open(self.out / "log.jsonl", "a") as log:
-                log.write(json.dumps(row) + "\n")
+            self.out.append_log(row)
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         print(f"run folder: {self.out} (best validation score {self.best:.3f})")
         self.calibrate()
@@ -367,11 +332,11 @@ class Trainer:
         which `SamMix.load` applies): the gate (`gate_threshold`, for weights saved before it was
         set each epoch) and the CAM threshold, by Dice on every organ-present validation slice
         (gate included, as at test time; the encoder runs once per slice)."""
-        t, best_path = self.cfg.train, self.out / BEST_WEIGHTS
+        t, best_path = self.cfg.train, self.out.best
         present = np.array([i for i in self.val_idx if self.data.labels[i]], dtype=int)
         if self.cfg.model.prompt != "cam" or not len(present) or not best_path.is_file():
             return
-        state = torch.load(best_path, map_location="cpu", weights_only=False)
+        state = self.out.load_weights()
         weights, row = state["model"], {}
         self.model.load_trained_state(weights, best_path)
         self.model.eval()
@@ -389,9 +354,8 @@ class Trainer:
             tqdm.write(f"CAM threshold {chosen} (validation Dice {scores[chosen]:.4f}; "
                        + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")")
         if row:
-            save_atomic(state, best_path)
-            with open(self.out / "log.jsonl", "a") as log:
-                log.write(json.dumps({"calibration": row}) + "\n")
+            self.out.save(state, RunFolder.BEST)
+            self.out.append_log({"calibration": row})
 
     def _dice_by_cam_threshold(self, indices: np.ndarray) -> dict[float, list[float]]:
         t = self.cfg.train
@@ -413,4 +377,4 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out: Path, cache_dir: Path | None = None) -> dict:
-    return Trainer(cfg, Path(out), cache_dir).fit()
+    return Trainer(cfg, out, cache_dir).fit()
