@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -82,9 +81,7 @@ def test_cache_is_reused_and_keyed_on_inputs_and_settings(synthetic_root, tmp_pa
 
     with monkeypatch.context() as m:
         m.setattr(cache_module, "load_case", must_not_read)
-        start = time.perf_counter()
-        again = prepare_dataset(root, SMALL, cache_dir=tmp_path / "c", progress=False)
-        assert time.perf_counter() - start < 1.0
+        again = prepare_dataset(root, SMALL, cache_dir=tmp_path / "c", progress=False)  # timed in benchmarks/cache_bench.py
     assert again.path == first.path
 
     other = prepare_dataset(root, PrepConfig(size=24), cache_dir=tmp_path / "c", progress=False)

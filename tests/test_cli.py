@@ -42,15 +42,25 @@ def test_set_overrides_any_setting_with_its_type_checked():
     from sammix.config import RunConfig, apply_overrides
     from sammix.errors import SammixError
 
-    cfg = apply_overrides(RunConfig(), ["train.sam_samples_per_epoch=128", "model.cam_threshold=0.3",
-                                        "train.lr_sam=1", "model.lora_targets=[attn.qkv]"])
+    base = RunConfig()
+    cfg = apply_overrides(base, ["train.sam_samples_per_epoch=128", "model.cam_threshold=0.3",
+                                 "train.lr_sam=1", "model.lora_targets=[attn.qkv]"])
     assert cfg.train.sam_samples_per_epoch == 128 and cfg.model.cam_threshold == 0.3
     assert cfg.train.lr_sam == 1.0 and isinstance(cfg.train.lr_sam, float)
     assert cfg.model.lora_targets == ["attn.qkv"]
-    assert RunConfig().train.sam_samples_per_epoch != 128  # the defaults are not touched
+    assert base == RunConfig()  # a changed copy: the config given is left as it was
     for bad in ["train.nope=1", "nope.epochs=1", "train.epochs", "train.epochs=many", "data.x=1"]:
         with pytest.raises(SammixError, match="--set"):
             apply_overrides(RunConfig(), [bad])
+
+
+def test_evaluate_and_predict_change_only_inference_settings():
+    from sammix.config import ModelConfig, with_inference_overrides
+    from sammix.errors import SammixError
+
+    assert with_inference_overrides(ModelConfig(), ["model.propagate=true"]).propagate is True
+    with pytest.raises(SammixError, match="only inference settings"):
+        with_inference_overrides(ModelConfig(), ["model.lora_rank=4"])  # would not match the weights
 
 
 def test_train_rejects_a_bad_set_in_one_line(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sammix.errors import SammixError
-from sammix.masks import mask_to_box
+from sammix.masks import box_iou, mask_to_box
 
 MASK_PROMPT_SIZE = 256  # SAM's prompt encoder takes 4x its 64x64 embedding grid
 
@@ -46,6 +46,29 @@ def main_component(cam, threshold: float = 0.4) -> np.ndarray | None:
         return labels == 1
     mass = ndimage.sum_labels(c, labels, index=np.arange(1, n + 1))
     return labels == (int(np.argmax(mass)) + 1)
+
+
+def candidate_boxes(cam, thresholds=(0.2, 0.3, 0.4, 0.5), per_threshold: int = 3, min_mass: float = 0.1,
+                    same_iou: float = 0.9) -> np.ndarray:
+    """Several boxes a CAM could mean, for SAM to try (`SliceInferer`): at each threshold, the
+    boxes of the `per_threshold` components with the largest CAM mass (those with at least
+    `min_mass` of the largest one's), each kept once (boxes overlapping an earlier one with IoU
+    above `same_iou` are the same). (K, 4); a flat map gives the whole slice."""
+    c = _normalised(cam)
+    h, w = np.asarray(cam).shape[-2:]
+    if c is None:
+        return np.array([[0, 0, w - 1, h - 1]], dtype=np.float32)
+    boxes: list[np.ndarray] = []
+    for t in thresholds:
+        labels, n = ndimage.label(c >= t, structure=np.ones((3, 3), bool))
+        mass = ndimage.sum_labels(c, labels, index=np.arange(1, n + 1))
+        for k in np.argsort(-mass)[:per_threshold]:
+            if mass[k] < min_mass * mass.max():
+                break
+            box = mask_to_box(labels == k + 1)
+            if all(box_iou(box, b) <= same_iou for b in boxes):
+                boxes.append(box)
+    return np.stack(boxes).astype(np.float32)
 
 
 def cam_to_box(cam, threshold: float = 0.4) -> np.ndarray:
