@@ -179,7 +179,7 @@ def work_flops(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sammix.inference.engine import inference_encoder
+    from sammix.inference.graphs import inference_encoder
 
     peak = _mm_peak()
     model, _ = _load_sammix(args.run)
@@ -200,7 +200,7 @@ def work_accuracy(args) -> dict:
     from sammix.data.preprocess import volume_to_unit
     from sammix.inference.engine import Engine
     from sammix.inference.export import cached_export
-    from sammix.inference.predict import _to_model_input, logits_to_native
+    from sammix.inference.geometry import logits_to_native, to_model_input
     from sammix.models.inferer import SliceInferer
 
     model, run = _load_sammix(args.run)
@@ -208,7 +208,7 @@ def work_accuracy(args) -> dict:
     axial, gt = volume.axial(), volume.to_axial(_gt(args.gt))
     picks = np.flatnonzero(gt.any(axis=(1, 2)))[::2]
 
-    x = _to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size)
+    x = to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size)
     engines = {"fp32": Engine(model, "fp32", "torch"), "bf16": Engine(model, "bf16", "torch"),
                "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run)),
                "onnx-int8": Engine(model, "int8", "onnx", onnx_dir=cached_export(model, run))}

@@ -48,7 +48,8 @@ def main() -> None:
     args = p.parse_args()
 
     from sammix.data.io import read_volume
-    from sammix.inference.predict import load_for_inference, make_engine, mask_to_stored, predict_axial
+    from sammix.inference.geometry import mask_to_stored
+    from sammix.inference.predict import load_for_inference, make_engine, predict_axial
     from sammix.models.inferer import SliceInferer
 
     engine = make_engine(*load_for_inference(args.run, "cpu", args.precision), precision=args.precision)

@@ -14,7 +14,8 @@ from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_image, volume_to_unit
 from sammix.data.synthetic import synthetic_ct
 from sammix.inference.engine import Engine
-from sammix.inference.export import FILES, INT8_MAX_REL_ERROR, model_key, onnx_session
+from sammix.inference.export import INT8_MAX_REL_ERROR, model_key
+from sammix.inference.sessions import FILES, onnx_session
 from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
 

@@ -22,8 +22,8 @@ from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_mask
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
 from sammix.inference.export import ExportedRun, model_key, state_key
-from sammix.inference.predict import (_to_model_input, clean_mask, load_for_inference, logits_to_native, make_engine,
-                                      mask_to_stored, predict_axial, predict_volume)
+from sammix.inference.geometry import clean_mask, logits_to_native, mask_to_stored, to_model_input
+from sammix.inference.predict import load_for_inference, make_engine, predict_axial, predict_volume
 from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
 
@@ -89,7 +89,7 @@ class GroundTruthBackend:
         axial, gt = volume.axial(), volume.to_axial(mask_stored)
         from sammix.data.preprocess import volume_to_unit
 
-        x = _to_model_input(volume_to_unit(axial, window), self.size)
+        x = to_model_input(volume_to_unit(axial, window), self.size)
         self.keys = {x[z].numpy().tobytes(): z for z in range(len(axial))}
         self.answers = [resize_mask(gt[z], self.size) for z in range(len(axial))]
         assert len(self.keys) == len(axial)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sammix.data.io import atomic_path
+from sammix.evaluation.methods import METHODS
 
 CSV_FIELDS = ["method", "k", "seed", "test_set", "domain", "case", "slice", "dice", "hd", "hd95", "nsd",
               "hd_mm", "hd95_mm", "nsd_mm", "cam_box_iou"]
@@ -75,7 +76,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def _table(spec, cells, test_sets, evals) -> tuple[list[str], list[str]]:
     """The main table: one row per (method, k), per test set Dice / HD / HD95 as mean ± sd over
     seeds of each seed's mean per-slice score. Best non-oracle value per column in bold."""
-    from sammix.evaluation.experiment import METHODS
 
     rows = _groups(cells)
     stats: dict = {}
@@ -207,7 +207,6 @@ def _diagnosis_table(cells, test_sets, evals) -> list[str]:
 
 
 def write_report(spec, cells, statuses, test_sets, out: Path, wall_seconds: float) -> Path:
-    from sammix.evaluation.experiment import METHODS
 
     out = Path(out)
     domain_of = {ts.name: ts.domain for ts in test_sets}

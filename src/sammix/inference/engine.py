@@ -1,7 +1,7 @@
 """A SamMix prepared for fast inference: the backend `predict` gives `models.inferer.SliceInferer`,
 with the same stages as the SamMix (classify + CAM, encode, decode) and less work:
 
-* the GradCAM comes in closed form, without a backward pass (`export.closed_form_cam`), wherever
+* the GradCAM comes in closed form, without a backward pass (`graphs.closed_form_cam`), wherever
   the classifier's logit is a spatial mean of a linear map of the CAM layer (both built-in
   classifiers; checked against autograd when the engine is made, autograd otherwise);
 * the image encoder is a private copy with the LoRA matrices merged into its weights and every
@@ -19,45 +19,18 @@ The model passed in is not modified.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from sammix.inference.graphs import closed_form_cam, inference_encoder
+from sammix.inference.sessions import FILES, onnx_session
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BACKENDS = ("torch", "onnx")
-
-
-def fuse_conv_bn(module: nn.Module) -> int:
-    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d inside an nn.Sequential into
-    the convolution (in place). Returns the number of pairs fused."""
-    fused = 0
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training:
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
-                seq._modules[b] = nn.Identity()
-                fused += 1
-    return fused
-
-
-def inference_encoder(model) -> nn.Module:
-    """A copy of the SAM image encoder for inference: LoRA merged, Conv+BN fused, eval, no grad."""
-    from peft.tuners.lora import LoraModel
-
-    enc = copy.deepcopy(model.sam.sam.image_encoder).eval()
-    if isinstance(enc, LoraModel):
-        enc = enc.merge_and_unload()
-    fuse_conv_bn(enc)
-    enc.requires_grad_(False)
-    return enc
 
 
 class Engine:
@@ -83,7 +56,6 @@ class Engine:
         self.times: dict[str, float] = defaultdict(float)  # seconds per stage, summed over calls
         full_box = model.cfg.prompt == "full_box"  # SAM-PP baselines: no classifier
         if backend == "onnx":
-            from sammix.inference.export import FILES, onnx_session
 
             if self.device.type != "cpu" or self.precision not in ("fp32", "int8"):
                 raise ValueError("the ONNX Runtime backend runs fp32 or int8 on the CPU")
@@ -96,8 +68,6 @@ class Engine:
         elif self.precision == "int8":
             raise ValueError("int8 runs through ONNX Runtime (backend 'onnx')")
         else:
-            from sammix.inference.export import closed_form_cam
-
             self.cam_net = None if full_box else closed_form_cam(model)
             self.channels_last = channels_last
             self.encoder = inference_encoder(model).to(self.device)

@@ -6,7 +6,7 @@ Files in the output folder:
 * ``classifier.onnx``: slices (B,1,S,S) in [0,1] -> logits (B,), cams (B,S,S) in [0,1]. The CAM
   is the classifier's GradCAM; its logit is the spatial mean of a linear map of the CAM layer, so
   the gradient is the same everywhere and for every input, and the CAM is written in closed form
-  (`linear_cam_weights`, `ClassifierWithCam`): no backward pass.
+  (`graphs.linear_cam_weights`, `graphs.ClassifierWithCam`): no backward pass.
 * ``encoder.onnx``: one slice (1,1,S,S) in [0,1] -> embeddings (1,256,64,64).
 * ``encoder-int8.onnx``: the same with its weight MatMuls in int8 (`quantize_encoder`), for
   `sammix predict --precision int8`; its relative embedding error is measured at export.
@@ -30,161 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from sammix import __version__
 from sammix.config import INFERENCE_SETTINGS
 from sammix.errors import SammixError
+from sammix.inference.graphs import DecoderForExport, EncoderForExport, closed_form_cam, inference_encoder
+from sammix.inference.sessions import FILES, onnx_session
 
 OPSET = 17
 FORMAT = "sammix-onnx/1"
-FILES = {"classifier": "classifier.onnx", "encoder": "encoder.onnx", "encoder_int8": "encoder-int8.onnx",
-         "decoder": "decoder.onnx"}
 TOLERANCE = {"classifier": 1e-3, "encoder": 1e-3, "decoder": 1e-2}  # max abs diff allowed at export
 INT8_MAX_REL_ERROR = 0.15  # |int8 - fp32| / |fp32| of the embeddings allowed at export (typically 0.05-0.07)
-
-
-# ---------------------------------------------------------------------------------------------
-# the exported modules
-
-
-def _layer_grad(model, x: torch.Tensor) -> torch.Tensor:
-    """d(sum of logits) / d(CAM layer output), as `CamPrompter.compute` takes it (eval mode)."""
-    clf, store = model.classifier, {}
-
-    def hook(_module, _inp, out):
-        store["act"] = out.detach().requires_grad_(True)
-        return store["act"]
-
-    handle = model.prompter.module.register_forward_hook(hook)
-    was_training = clf.training
-    try:
-        clf.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            (grad,) = torch.autograd.grad(clf(x).sum(), store["act"])
-    finally:
-        handle.remove()
-        clf.train(was_training)
-    return grad
-
-
-def linear_cam_weights(model) -> torch.Tensor | None:
-    """Per-channel weights w (C,) when the logit is the spatial mean of a linear 1x1 map of the
-    CAM layer's output A (logit = mean_ij sum_c w_c A_cij + b, e.g. a 1x1-conv logit map or a
-    linear head on global average pooling). Then d logit / dA_cij = w_c / (h w) for every input,
-    GradCAM's weights are w / (h w) and the CAM is relu(sum_c w_c A_c) / (h w): no backward pass
-    needed. None when the gradient is not spatially constant and input-independent."""
-    grads = []
-    for seed in (0, 1):
-        gen = torch.Generator().manual_seed(seed)
-        grads.append(_layer_grad(model, torch.rand(2, 1, 64, 64, generator=gen).to(model.device)))
-    grad = torch.cat(grads)
-    h, w = grad.shape[-2:]
-    weights = grad[0].sum(dim=(1, 2))  # w_c: each location holds w_c / (h w)
-    expected = (weights / (h * w)).view(1, -1, 1, 1).expand_as(grad)
-    scale = float(expected.abs().max()) or 1.0
-    if not torch.allclose(grad, expected, rtol=1e-4, atol=1e-5 * scale):
-        return None
-    return weights.detach().float()
-
-
-class ClassifierWithCam(nn.Module):
-    """A SliceClassifier -> (logits (B,), GradCAM (B,S,S) normalised to [0,1]) in one forward,
-    using `linear_cam_weights`; the same numbers as `CamPrompter.compute` (autograd)."""
-
-    def __init__(self, classifier, layer: str, weights: torch.Tensor):
-        super().__init__()
-        self.classifier = classifier
-        self.layer = layer
-        self.register_buffer("weights", weights.view(1, -1, 1, 1).clone())
-
-    def forward(self, x):
-        store = {}
-        module = dict(self.classifier.named_modules())[self.layer]
-        handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
-        try:
-            logits = self.classifier(x)
-        finally:
-            handle.remove()
-        act = store["act"]
-        h, w = act.shape[-2:]
-        cam = F.relu((self.weights / (h * w) * act).sum(dim=1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
-        lo = cam.amin(dim=(1, 2), keepdim=True)
-        span = cam.amax(dim=(1, 2), keepdim=True) - lo
-        cam = torch.where(span > 1e-12, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
-        return logits, cam
-
-
-def closed_form_cam(model) -> ClassifierWithCam | None:
-    """`ClassifierWithCam` for this model's classifier and CAM layer, checked against
-    `CamPrompter.compute` on a small input; None where the closed form does not hold."""
-    weights = linear_cam_weights(model)
-    if weights is None:
-        return None
-    net = ClassifierWithCam(model.classifier, model.prompter.layer, weights.to(model.device)).eval()
-    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2)).to(model.device)
-    ref_logits, ref_cams = model.prompter.compute(x)
-    with torch.no_grad():
-        logits, cams = net(x)
-    ok = torch.allclose(logits, ref_logits, atol=1e-4) and torch.allclose(cams, ref_cams, atol=1e-4)
-    return net if ok else None
-
-
-class EncoderForExport(nn.Module):
-    """Slices (B,1,S,S) in [0,1] -> SAM image embeddings, preprocessing included."""
-
-    def __init__(self, backbone, encoder):
-        super().__init__()
-        self.backbone = backbone
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder(self.backbone.preprocess(x))
-
-
-class DecoderForExport(nn.Module):
-    """One slice's embedding + box + mask prompt -> SAM's three mask logits and their scores."""
-
-    def __init__(self, backbone, size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.size = size
-
-    def forward(self, embeddings, box, mask_prompt=None):
-        return self.backbone.decode(embeddings, box, mask_prompt, multimask=True, size=self.size)
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX Runtime
-
-
-_ARENA = []
-
-
-def _shared_arena(ort) -> None:
-    if not _ARENA:  # grows by what is asked for (not in powers of two), shared by every session
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-        _ARENA.append(info)
-
-
-def onnx_session(path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No pre-planned block for all intermediates: -280 MB peak for the encoder, same speed here
-    # (measured; switching the arena off instead cost 20 % speed).
-    opts.enable_mem_pattern = False
-    _shared_arena(ort)
-    opts.add_session_config_entry("session.use_env_allocators", "1")  # one arena for all sessions
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,16 +68,22 @@ def model_key(model) -> str:
 
 
 def _sample_slices(size: int, n: int = 2) -> torch.Tensor:
-    """A few synthetic abdominal slices in [0,1] through the liver (checks need realistic input)."""
-    from sammix.data.io import Volume
-    from sammix.data.preprocess import resize_image, volume_to_unit
-    from sammix.data.synthetic import synthetic_ct
-
-    hu, _, affine = synthetic_ct((96, 96, 12), (3.0, 3.0, 6.0), seed=0)
-    axial = Volume(hu, affine, Path("synthetic")).axial()
-    picks = axial[np.linspace(4, 9, n).astype(int)]
-    unit = volume_to_unit(picks, (40.0, 400.0))
-    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit]))[:, None]
+    """Fixed check slices (n, 1, S, S) in [0, 1] that look enough like abdominal CT at level 40 /
+    width 400 to exercise every part of the graphs: a body of soft tissue with an organ of slightly
+    brighter parenchyma on the image's left, a bright spine and ribs, fat and a little noise."""
+    yy, xx = np.mgrid[:size, :size] / size
+    rng = np.random.default_rng(0)
+    slices = []
+    for k in range(n):
+        shift = 0.03 * k  # the organ moves a little from slice to slice
+        body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.52) / 0.33) ** 2 <= 1
+        organ = ((xx - 0.33 - shift) / 0.17) ** 2 + ((yy - 0.45) / 0.15) ** 2 <= 1
+        spine = ((xx - 0.5) / 0.05) ** 2 + ((yy - 0.74) / 0.05) ** 2 <= 1
+        ring = body & ~(((xx - 0.5) / 0.38) ** 2 + ((yy - 0.52) / 0.29) ** 2 <= 1)
+        image = np.where(body, 0.55, 0.0) + 0.08 * organ + 0.4 * spine + 0.25 * ring * (np.sin(40 * xx) > 0.6)
+        image = image - 0.25 * (body & (yy > 0.78) & ~spine)  # posterior fat
+        slices.append(np.clip(image + 0.02 * rng.standard_normal((size, size)) * body, 0, 1))
+    return torch.from_numpy(np.stack(slices).astype(np.float32))[:, None]
 
 
 def _export(module, args, path, names_in, names_out, dynamic_axes=None):
@@ -247,8 +109,6 @@ def _relative_error(session, feeds: dict, expected) -> float:
 
 def export_model(model, out, key: str | None = None) -> Path:
     """Write the three ONNX graphs of a SamMix into folder `out` (checked, atomically) -> out."""
-    from sammix.inference.engine import inference_encoder
-
     model = model.eval()
     clf = closed_form_cam(model)
     if clf is None:

@@ -22,56 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 from tqdm import tqdm
 
 from sammix import __version__
 from sammix.config import with_inference_overrides
 from sammix.data import io
-from sammix.data.preprocess import resize_image, slice_to_unit, volume_to_unit
+from sammix.data.preprocess import slice_to_unit, volume_to_unit
 from sammix.errors import SammixError, one_line
 from sammix.inference import batch
 from sammix.inference.engine import Engine
+from sammix.inference.geometry import clean_mask, logits_to_native, mask_to_stored, to_model_input
 from sammix.models.inferer import SliceInferer
 
 USE_RUN = object()  # window argument: the run's own PrepConfig window
-
-
-# ---------------------------------------------------------------------------------------------
-# geometry: model-resolution logits -> native slices -> stored grid
-
-
-def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Mask logits (N,S,S) -> bool masks (N,H,W): bilinear resize of the logits, then > 0.
-
-    The inverse of the input's resize (`preprocess.resize_image`, pixel centres aligned), so the
-    mask covers the same anatomy it was predicted on."""
-    if len(logits) == 0:
-        return np.zeros((0, *shape_hw), dtype=bool)
-    up = F.interpolate(logits[:, None].float(), size=tuple(shape_hw), mode="bilinear", align_corners=False)
-    return (up[:, 0] > 0).numpy()
-
-
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Largest connected component (26-connected in 3D, 8 in 2D), holes filled per axial slice."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # work on the mask's bounding box only
-    part = mask[box]
-    labels, n = ndimage.label(part, structure=np.ones((3,) * part.ndim, dtype=bool))
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        part = labels == int(sizes.argmax())
-    if part.ndim == 2:
-        part = ndimage.binary_fill_holes(part)
-    else:
-        part = np.stack([ndimage.binary_fill_holes(s) if s.any() else s for s in part])
-    out = np.zeros_like(mask)
-    out[box] = part
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,11 +51,6 @@ def _inferer(model, **options) -> SliceInferer:
 
 def _resolve_window(inferer: SliceInferer, window):
     return inferer.backend.model.prep.window if window is USE_RUN else window
-
-
-def _to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
-    """(B,H,W) in [0,1] -> (B,1,S,S), resized like the training slices (`resize_image`)."""
-    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
 
 
 def _clear_times(inferer: SliceInferer) -> None:
@@ -117,7 +75,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
     t0 = time.perf_counter()
     x = torch.empty(z, 1, inferer.size, inferer.size)
     for start in range(0, z, batch_size):
-        x[start:start + batch_size] = _to_model_input(volume_to_unit(axial[start:start + batch_size], window),
+        x[start:start + batch_size] = to_model_input(volume_to_unit(axial[start:start + batch_size], window),
                                                       inferer.size)
     times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
     out = inferer.predict_volume(x, gate, slice_step, batch_size, progress)
@@ -130,20 +88,6 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
         mask[chunk] = logits_to_native(out["logits"][chunk], (h, w))
     times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
     return mask, {k: out[k] for k in ("probs", "present", "segmented")}
-
-
-def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):
-    """Native-size display-orientation mask (Z,H,W) -> (uint8 mask on the stored grid, the
-    cleaned axial mask)."""
-    times = {} if times is None else times
-    t0 = time.perf_counter()
-    if cleanup:
-        mask_axial = clean_mask(mask_axial)
-    times["cleanup"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stored = volume.from_axial(mask_axial.astype(np.uint8))
-    times["reorient"] = times.get("reorient", 0.0) + time.perf_counter() - t0
-    return stored, mask_axial
 
 
 def _model_info(inferer: SliceInferer, run) -> dict:
@@ -225,7 +169,7 @@ def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True
         raise ValueError(f"predict_image expects a 2D image, got shape {image.shape}")
     times = {}
     t0 = time.perf_counter()
-    x = _to_model_input(slice_to_unit(image, window)[None], inferer.size)
+    x = to_model_input(slice_to_unit(image, window)[None], inferer.size)
     times["preprocess"] = time.perf_counter() - t0
     out = inferer.predict(x, gate=gate)
     mask = np.zeros(image.shape, dtype=bool)

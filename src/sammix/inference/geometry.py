@@ -1,0 +1,66 @@
+"""Geometry of prediction: a volume's axial slices in display orientation (`io.Volume.axial`) ->
+the model's S x S inputs, and back: model-resolution logits -> native-size slices -> the 3D
+clean-up -> the volume's stored voxel grid, so a mask lines up voxel for voxel with its input."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from sammix.data import io
+from sammix.data.preprocess import resize_image
+
+
+def to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
+    """(B,H,W) in [0,1] -> (B,1,S,S), resized like the training slices (`resize_image`)."""
+    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
+
+
+def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int]) -> np.ndarray:
+    """Mask logits (N,S,S) -> bool masks (N,H,W): bilinear resize of the logits, then > 0.
+
+    The inverse of the input's resize (`preprocess.resize_image`, pixel centres aligned), so the
+    mask covers the same anatomy it was predicted on."""
+    if len(logits) == 0:
+        return np.zeros((0, *shape_hw), dtype=bool)
+    up = F.interpolate(logits[:, None].float(), size=tuple(shape_hw), mode="bilinear", align_corners=False)
+    return (up[:, 0] > 0).numpy()
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Largest connected component (26-connected in 3D, 8 in 2D), holes filled per axial slice."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # work on the mask's bounding box only
+    part = mask[box]
+    labels, n = ndimage.label(part, structure=np.ones((3,) * part.ndim, dtype=bool))
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        part = labels == int(sizes.argmax())
+    if part.ndim == 2:
+        part = ndimage.binary_fill_holes(part)
+    else:
+        part = np.stack([ndimage.binary_fill_holes(s) if s.any() else s for s in part])
+    out = np.zeros_like(mask)
+    out[box] = part
+    return out
+
+
+def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):
+    """Native-size display-orientation mask (Z,H,W) -> (uint8 mask on the stored grid, the
+    cleaned axial mask)."""
+    times = {} if times is None else times
+    t0 = time.perf_counter()
+    if cleanup:
+        mask_axial = clean_mask(mask_axial)
+    times["cleanup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stored = volume.from_axial(mask_axial.astype(np.uint8))
+    times["reorient"] = times.get("reorient", 0.0) + time.perf_counter() - t0
+    return stored, mask_axial
