@@ -161,7 +161,7 @@ def test_unet_baseline_learns_on_synthetic_ct(tmp_path):
     result = train_baseline(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")
     for name in ("config.yaml", "split.json", "labeled.json", "log.jsonl", "best.pt", "last.pt"):
         assert (tmp_path / "run" / name).is_file(), name
-    assert result["best_val_dice"] > 0.2
+    assert result["best_val_score"] > 0.2
 
     slices = load_sources([str(data)], PREP, tmp_path / "cache", masks=True)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
@@ -180,7 +180,7 @@ def test_unet_baseline_learns_on_synthetic_ct(tmp_path):
 
     # finished runs are reused, not retrained
     stamp = (tmp_path / "run" / "best.pt").stat().st_mtime_ns
-    assert train_baseline(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")["best_val_dice"] == result["best_val_dice"]
+    assert train_baseline(cfg, tmp_path / "run", cache_dir=tmp_path / "cache")["best_val_score"] == result["best_val_score"]
     assert (tmp_path / "run" / "best.pt").stat().st_mtime_ns == stamp
 
 

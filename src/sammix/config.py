@@ -33,7 +33,7 @@ class PrepConfig:
 
 
 # ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
-INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate")
+INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ModelConfig:
     cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
     propagate: bool = False  # volumes: prompt each slice with its neighbour's mask box (SliceInferer._propagate)
+    prompt_candidates: bool = False  # try every box the CAM could mean, keep SAM's best answer (SliceInferer._choose)
 
     def with_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None):
         """This config with the gate and CAM thresholds replaced; None keeps the current one."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sammix.config import ModelConfig
-from sammix.models.cam import CamPrompts
+from sammix.models.cam import CamPrompts, candidate_boxes
 from sammix.masks import dice_score, expand_box, mask_to_box
 
 # --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
@@ -25,6 +25,7 @@ INTERPOLATE_MIN_DICE = 0.9
 PROPAGATE_GROW = 0.1  # a neighbour's mask box grown by this share of its size (+2 px) on each side
 PROPAGATE_MIN_AREA = 0.001  # share of the slice: a smaller mask means the organ has ended
 PROPAGATE_MIN_SCORE = 0.7  # SAM's predicted IoU below which a slice the gate rejects ends the organ
+CANDIDATES_PER_THRESHOLD = 3  # prompt candidates: CAM components tried at each threshold
 
 
 class Backend(Protocol):
@@ -50,6 +51,12 @@ def best_of_three(logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Ten
     best = scores.argmax(dim=1)
     rows = torch.arange(len(best), device=best.device)
     return logits[rows, best], scores[rows, best]
+
+
+def candidate_value(score: float, mask: np.ndarray, cam: np.ndarray) -> float:
+    """How much a candidate answer is worth: SAM's predicted IoU times the classifier's evidence
+    for the organ inside the mask (the mean of the normalised CAM there; 0 for an empty mask)."""
+    return score * float(cam[mask].mean()) if mask.any() else 0.0
 
 
 def _runs(present: np.ndarray) -> list[tuple[int, int]]:
@@ -95,8 +102,25 @@ class SliceInferer:
                 boxes, mask_prompts = self.prompter.prompts(cams)
         self.times["prompts"] += time.perf_counter() - start
         emb = self.backend.encode(x.float().contiguous())
+        if self.cfg.prompt_candidates and cams is not None and mask_prompts is None and not self.full_box:
+            return self._choose(emb, cams)
         logits, scores = best_of_three(*self.backend.decode(emb, boxes.float(), mask_prompts))
         return logits, scores, boxes
+
+    def _choose(self, emb: torch.Tensor, cams: torch.Tensor):
+        """`segment` with prompt candidates (`ModelConfig.prompt_candidates`): for each slice, SAM
+        answers every box its CAM could mean (`cam.candidate_boxes`) on the slice's one embedding,
+        and the answer with the highest `candidate_value` is kept."""
+        logits, scores, boxes = [], [], []
+        for i in range(len(emb)):
+            cam = cams[i].numpy()
+            tried = torch.from_numpy(candidate_boxes(cam, per_threshold=CANDIDATES_PER_THRESHOLD))
+            l, s = best_of_three(*self.backend.decode(emb[i:i + 1].expand(len(tried), *emb.shape[1:]), tried, None))
+            k = int(np.argmax([candidate_value(float(s[j]), (l[j] > 0).numpy(), cam) for j in range(len(tried))]))
+            logits.append(l[k])
+            scores.append(s[k])
+            boxes.append(tried[k])
+        return torch.stack(logits), torch.stack(scores), torch.stack(boxes)
 
     # -- batches --------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, gate: bool = True, boxes: torch.Tensor | None = None) -> dict:
@@ -191,7 +215,7 @@ class SliceInferer:
         """Volume context: SAM from the slice the model is surest of, outwards.
 
         The seed is the present slice with the highest organ probability in the longest run of
-        present slices, segmented with its CAM prompt. Each neighbour is then prompted with the
+        present slices, segmented as `segment` does it (its CAM prompt, or prompt candidates). Each neighbour is then prompted with the
         box of the mask next to it, grown by PROPAGATE_GROW; where the gate passes the slice,
         SAM's answer to the CAM box is the check: when the propagated mask has lost the organ
         (it overlaps the neighbour's mask less than the CAM answer does), the CAM answer is
@@ -214,9 +238,10 @@ class SliceInferer:
                 progress.update(1)
             return [(out[0][k], float(out[1][k])) for k in range(len(boxes))]
 
-        start = self.prompter.prompts(cams[seed:seed + 1])[0][0].numpy()
-        logits[seed] = sam(seed, [start])[0][0]
-        boxes[seed] = torch.from_numpy(start)
+        logits[seed:seed + 1], _, boxes[seed:seed + 1] = self.segment(x[seed:seed + 1], cams[seed:seed + 1])
+        segmented[seed] = True
+        if progress is not None:
+            progress.update(1)
         for step in (1, -1):
             prev = seed
             for i in range(seed + step, z if step > 0 else -1, step):

@@ -10,35 +10,31 @@ training slice (full supervision).
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from sammix.config import resolve_device
 from sammix.data.io import atomic_path, write_json
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
 from sammix.models.baselines import (ALL_LABELED, NNUNET_DATASET, NNUNET_DATASET_ID,
                                      NNUNET_DONE, BaselineRunConfig, NnUNetRunConfig, SegNet, nnunet_command,
                                      nnunet_device, nnunet_env, run_logged)
-from sammix.training.augment import random_affine, random_intensity
-from sammix.training.losses import segmentation_loss
 from sammix.masks import dice_score
 from sammix.runfolder import RunFolder
+from sammix.training.augment import random_affine, random_intensity
+from sammix.training.loop import EpochTrainer
+from sammix.training.losses import segmentation_loss
 from sammix.training.slices import load_sources
-from sammix.training.train import seed_everything
 
-class BaselineTrainer:
+
+class BaselineTrainer(EpochTrainer):
     def __init__(self, cfg: BaselineRunConfig, out: Path, cache_dir: Path | None = None):
-        self.cfg, self.out = cfg, RunFolder(out)
+        super().__init__(cfg, out)
+        self.name = cfg.net.arch
         t = cfg.train
-        self.device = resolve_device(t.device)
-        self.resuming = self.out.prepare(cfg)
-        self.gen = seed_everything(t.seed)
 
         self.data = load_sources(cfg.data, cfg.prep, cache_dir, masks=True)
         self.split = split_cases(sorted(set(self.data.case)), t.val_fraction, t.test_fraction, seed=t.split_seed)
@@ -50,33 +46,27 @@ class BaselineTrainer:
             self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
         if len(self.labeled) == 0:
             raise SammixError(f"{', '.join(cfg.data)}: no labelled training slice to train {cfg.net.arch} on")
-        self.out.write_split(self.split, [{"case": self.data.case[i], "slice": int(self.data.slice_index[i])}
-                                          for i in self.labeled])
+        self.record_split(self.data, self.split, self.labeled)
 
         self.model = SegNet(cfg.net, cfg.prep).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.net.lr, weight_decay=t.weight_decay)
         self.loss = segmentation_loss()
-        self.epoch, self.best = 0, -1.0
-        if self.resuming:
-            self._load_last()
+        self.resume()
 
-    def _save_last(self) -> None:
-        self.out.save({
-            "epoch": self.epoch, "best": self.best, "model": self.model.net.state_dict(),
-            "opt": self.opt.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
-                    "numpy": np.random.get_state(), "python": random.getstate()},
-        }, RunFolder.LAST)
+    # -- what the shared loop (`loop.EpochTrainer`) asks of a trainer ------------------------------
+    def model_state(self) -> dict:
+        return self.model.net.state_dict()
 
-    def _load_last(self) -> None:
-        state = self.out.load_weights(RunFolder.LAST)
-        self.model.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.epoch, self.best = state["epoch"], state["best"]
+    def load_model_state(self, state: dict) -> None:
+        self.model.net.load_state_dict(state)
+
+    best_weights = model_state
+
+    def optimizers(self) -> dict:
+        return {"opt": self.opt}
+
+    def score(self, losses: dict, val: dict) -> float:
+        return val.get("val_dice", -losses["seg_loss"])
 
     def _tensor(self, idx) -> torch.Tensor:
         return torch.from_numpy(self.data.images[idx].astype(np.float32) / 255.0).unsqueeze(1).to(self.device)
@@ -85,7 +75,7 @@ class BaselineTrainer:
         """As for SAM-Mix: few labelled slices are revisited (augmented) up to sam_samples_per_epoch."""
         return max(len(self.labeled), self.cfg.train.sam_samples_per_epoch)
 
-    def train_epoch(self, bar) -> float:
+    def run_epoch(self, bar) -> dict:
         n, bs = self.steps_per_epoch(), self.cfg.net.batch_size
         order = self.labeled[torch.randperm(n, generator=self.gen).numpy() % len(self.labeled)]
         losses = []
@@ -102,7 +92,7 @@ class BaselineTrainer:
             self.opt.step()
             losses.append(loss.item())
             bar.update(len(idx))
-        return float(np.mean(losses))
+        return {"seg_loss": float(np.mean(losses))}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -119,34 +109,9 @@ class BaselineTrainer:
             dices += [dice_score(p, self.data.masks[i] > 0) for p, i in zip(masks, idx)]
         return {"val_dice": float(np.mean(dices)), "val_slices_scored": len(dices)}
 
-    def fit(self) -> dict:
-        t = self.cfg.train
-        if self.epoch >= t.epochs:
-            print(f"{self.out}: already trained for {self.epoch} epochs (best val Dice {self.best:.3f})")
-            return {"best_val_dice": self.best}
-        if self.resuming:
-            print(f"resuming {self.out} after epoch {self.epoch}")
-        for epoch in range(self.epoch + 1, t.epochs + 1):
-            start = time.time()
-            with tqdm(total=self.steps_per_epoch(), desc=f"{self.cfg.net.arch} epoch {epoch}/{t.epochs}",
-                      unit="slice", leave=False) as bar:
-                seg_loss = self.train_epoch(bar)
-            val = self.validate()
-            self.epoch = epoch
-            row = {"epoch": epoch, "seg_loss": seg_loss, **val, "seconds": round(time.time() - start, 1)}
-            score = val.get("val_dice", -seg_loss)
-            if score > self.best:
-                self.best = score
-                self.out.save({"model": self.model.net.state_dict(), "epoch": epoch, **val}, RunFolder.BEST)
-                row["best"] = True
-            self._save_last()
-            self.out.append_log(row)
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        return {"best_val_dice": self.best}
-
 
 def train_baseline(cfg: BaselineRunConfig, out: Path, cache_dir: Path | None = None) -> dict:
-    """Train (or resume, or reuse) a baseline run folder; returns {"best_val_dice"}."""
+    """Train (or resume, or reuse) a baseline run folder; returns {"best_val_score"} (its validation Dice)."""
     return BaselineTrainer(cfg, Path(out), cache_dir).fit()
 
 

@@ -8,8 +8,6 @@ gate and CAM thresholds chosen on validation; what `SamMix.load` reads).
 
 from __future__ import annotations
 
-import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sammix.config import RunConfig, resolve_device
+from sammix.config import RunConfig
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
 from sammix.masks import box_iou, dice_score, mask_to_box
@@ -27,6 +25,7 @@ from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.runfolder import RunFolder
 from sammix.training.augment import random_affine, random_intensity
+from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
 from sammix.training.slices import SliceSet, load_training_sources
 
@@ -41,13 +40,6 @@ def gate_threshold(present_probs: np.ndarray) -> float:
     an unsure one a low gate (no organ slice is lost to it)."""
     p = float(np.clip(np.min(present_probs), 1e-6, 1 - 1e-6))
     return float(1.0 / (1.0 + np.exp(GATE_MARGIN - np.log(p / (1.0 - p)))))
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def _batches(indices: np.ndarray, size: int):
@@ -74,13 +66,10 @@ def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
     return boxes
 
 
-class Trainer:
+class Trainer(EpochTrainer):
     def __init__(self, cfg: RunConfig, out: Path, cache_dir: Path | None = None):
-        self.cfg, self.out = cfg, RunFolder(out)
+        super().__init__(cfg, out)
         t = cfg.train
-        self.device = resolve_device(t.device)
-        self.resuming = self.out.prepare(cfg)
-        self.gen = seed_everything(t.seed)
 
         self.data, self.cls_only = load_training_sources(cfg, cache_dir)
         # cases without any mask can be neither validated nor tested: they train (the classifier) only
@@ -93,8 +82,7 @@ class Trainer:
         self.labeled = np.array(sample_labeled(self.data, train_idx, t.labeled, seed=t.seed))
         if not len(self.labeled):
             raise SammixError(f"{', '.join(cfg.data)}: no {cfg.prep.organ} mask in the training cases to train SAM on")
-        self.out.write_split(self.split, [{"case": self.data.case[i], "slice": int(self.data.slice_index[i])}
-                                          for i in self.labeled])
+        self.record_split(self.data, self.split, self.labeled)
 
         # classifier pool: every training slice of --data + all --cls-only-data whose slice label is
         # known; masks are known for the k labelled slices alone (the few-label setting)
@@ -114,32 +102,36 @@ class Trainer:
             self.opt_cls, max_lr=t.lr_classifier, total_steps=self.cls_steps * t.epochs, pct_start=0.15)
         self.seg_loss = segmentation_loss()
         self.amp = self.device.type == "cuda"
-        self.epoch, self.best = 0, float("-inf")  # a run without validation cases keeps the lowest SAM loss
-        if self.resuming:
-            self._load_last()
+        self.trains_classifier = cfg.model.prompt == "cam"  # SAM-PP prompts with the whole image: no classifier
+        self.resume()
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _save_last(self) -> None:
-        self.out.save({
-            "epoch": self.epoch, "best": self.best, "model": self.model.trained_state(),
-            "opt_cls": self.opt_cls.state_dict(), "opt_sam": self.opt_sam.state_dict(),
-            "sched_cls": self.sched_cls.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(), "np": self.rng.bit_generator.state,
-                    "numpy": np.random.get_state(), "python": random.getstate()},
-        }, RunFolder.LAST)
+    # -- what the shared loop (`loop.EpochTrainer`) asks of a trainer ------------------------------
+    def model_state(self) -> dict:
+        return self.model.trained_state()
 
-    def _load_last(self) -> None:
-        state = self.out.load_weights(RunFolder.LAST)
-        self.model.load_trained_state(state["model"], self.out.last)
-        self.opt_cls.load_state_dict(state["opt_cls"])
-        self.opt_sam.load_state_dict(state["opt_sam"])
-        self.sched_cls.load_state_dict(state["sched_cls"])
-        self.rng.bit_generator.state = state["rng"]["np"]
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.epoch, self.best = state["epoch"], state["best"]
+    def load_model_state(self, state: dict) -> None:
+        self.model.load_trained_state(state, self.out.last)
+
+    def best_weights(self) -> dict:
+        return {**self.model.trained_state(), "cls_threshold": self.model.cfg.cls_threshold}
+
+    def optimizers(self) -> dict:
+        return {"opt_cls": self.opt_cls, "opt_sam": self.opt_sam, "sched_cls": self.sched_cls}
+
+    def steps_per_epoch(self) -> int:
+        t = self.cfg.train
+        return self.trains_classifier * self.cls_steps * t.cls_batch_size + max(len(self.labeled),
+                                                                              t.sam_samples_per_epoch)
+
+    def run_epoch(self, bar) -> dict:
+        cls_loss = self.classifier_epoch(bar) if self.trains_classifier else float("nan")
+        return {"cls_loss": cls_loss, "sam_loss": self.sam_epoch(bar)}
+
+    def score(self, losses: dict, val: dict) -> float:
+        return val.get("val_score", -losses["sam_loss"])
+
+    def finish(self) -> None:
+        self.calibrate()
 
     # -- one epoch of each branch -----------------------------------------------------------
     def _autocast(self):
@@ -293,38 +285,6 @@ class Trainer:
             result["val_organ_free_scored"] = len(rejected)
         result["val_score"] = float(np.mean(dices + rejected))
         return result
-
-    def fit(self) -> dict:
-        t = self.cfg.train
-        if self.epoch >= t.epochs:
-            print(f"{self.out}: already trained for {self.epoch} epochs (best validation score {self.best:.3f})")
-            self.calibrate()
-            return {"best_val_score": self.best}
-        if self.resuming:
-            print(f"resuming {self.out} after epoch {self.epoch}")
-        trains_classifier = self.cfg.model.prompt == "cam"  # SAM-PP prompts with the whole image: no classifier
-        per_epoch = trains_classifier * self.cls_steps * t.cls_batch_size + max(len(self.labeled), t.sam_samples_per_epoch)
-        for epoch in range(self.epoch + 1, t.epochs + 1):
-            start = time.time()
-            with tqdm(total=per_epoch, desc=f"epoch {epoch}/{t.epochs}", unit="slice", leave=False) as bar:
-                cls_loss = self.classifier_epoch(bar) if trains_classifier else float("nan")
-                sam_loss = self.sam_epoch(bar)
-            val = self.validate()
-            self.epoch = epoch
-            row = {"epoch": epoch, "cls_loss": cls_loss, "sam_loss": sam_loss, **val,
-                   "seconds": round(time.time() - start, 1)}
-            score = val.get("val_score", -sam_loss)
-            if score > self.best:
-                self.best = score
-                weights = {**self.model.trained_state(), "cls_threshold": self.model.cfg.cls_threshold}
-                self.out.save({"model": weights, "epoch": epoch, **val}, RunFolder.BEST)
-                row["best"] = True
-            self._save_last()
-            self.out.append_log(row)
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        print(f"run folder: {self.out} (best validation score {self.best:.3f})")
-        self.calibrate()
-        return {"best_val_score": self.best}
 
     @torch.no_grad()
     def calibrate(self) -> None:
