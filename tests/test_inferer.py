@@ -87,3 +87,61 @@ def test_without_volume_context_the_gate_and_cam_decide_each_slice():
     masks = out["logits"] > 0
     assert (out["present"] == (backend.organ.any(axis=(1, 2)) | np.isin(np.arange(24), [20, 21]))).all()
     assert all(dice_score(masks[i], backend.distractor) == 1.0 for i in (20, 21))  # what propagation stops
+
+
+# --- prompt candidates: constructed heat maps ---------------------------------------------------
+
+
+def _blob(cy: float, cx: float, r: float, amp: float) -> np.ndarray:
+    yy, xx = np.mgrid[:S, :S]
+    return amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+
+
+class TwoOrgansBackend:
+    """One slice with the organ (a large disk on the left) and a neighbour (a small disk on the
+    right). The CAM is given; "SAM" returns the object that fills most of the box with the IoU it
+    predicts for it: high for the organ it was fine-tuned on, low for the neighbour."""
+
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, prompt_candidates=True)
+    size = S
+
+    def __init__(self, cam: np.ndarray):
+        self.cam = torch.from_numpy(cam.astype(np.float32) / cam.max())[None]
+        self.objects = {"organ": (_disk(30, 20, 12), 0.9), "neighbour": (_disk(30, 50, 5), 0.4)}
+
+    def classify(self, x):
+        return torch.tensor([0.9]), self.cam
+
+    def encode(self, x):
+        return torch.zeros(len(x), 1)
+
+    def decode(self, emb, boxes, mask_prompts):
+        logits, scores = [], []
+        for box in boxes:
+            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            inside = np.zeros((S, S), bool)
+            inside[y1:y2 + 1, x1:x2 + 1] = True
+            name = max(self.objects, key=lambda n: (self.objects[n][0] & inside).sum() / self.objects[n][0].sum())
+            mask, score = self.objects[name]
+            logits.append(torch.from_numpy(np.where(mask, 8.0, -8.0).astype(np.float32))[None].repeat(3, 1, 1))
+            scores.append(torch.tensor([score, 0.1, 0.1]))
+        return torch.stack(logits), torch.stack(scores)
+
+
+def test_prompt_candidates_find_the_organ_when_the_cam_peaks_on_its_neighbour():
+    cam = _blob(30, 50, 4, 1.0) + _blob(30, 20, 9, 0.75)  # hottest on the neighbour, warm on the organ
+    backend = TwoOrgansBackend(cam)
+    x = torch.zeros(1, 1, S, S)
+    single = SliceInferer(backend)
+    single.cfg = ModelConfig(cam_threshold=0.4)  # the CAM's main blob alone
+    assert dice_score(single.predict_masks(x)[0], backend.objects["neighbour"][0]) == 1.0
+    chosen = SliceInferer(backend).predict(x)
+    assert dice_score(chosen["logits"][0] > 0, backend.objects["organ"][0]) == 1.0
+    assert float(chosen["scores"][0]) == 0.9
+
+
+def test_prompt_candidates_keep_the_cam_answer_when_it_is_already_the_organ():
+    cam = _blob(30, 20, 9, 1.0) + _blob(30, 50, 3, 0.5)
+    backend = TwoOrgansBackend(cam)
+    out = SliceInferer(backend).predict(torch.zeros(1, 1, S, S))
+    assert dice_score(out["logits"][0] > 0, backend.objects["organ"][0]) == 1.0
