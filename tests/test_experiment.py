@@ -154,6 +154,32 @@ def test_cli_options_resolve_to_a_grid(tmp_path):
     assert main(["experiment", "--train-data", str(tmp_path), "--test-data", "nodir", "--out", str(tmp_path / "o")]) == 2
 
 
+def test_parts_cover_the_grid_once():
+    spec = ExperimentSpec(train_data=["a"], out="x", methods=["unet", "sam-zeroshot", "sammix"], ks=[5, 50],
+                          seeds=[0, 1, 2])
+    parts = [replace(spec, num_parts=4, part_id=i).my_cells() for i in range(4)]
+    assert sorted((c for p in parts for c in p), key=spec.cells().index) == spec.cells()
+    assert sum(len(p) for p in parts) == len(spec.cells()) and all(parts)
+    assert replace(spec, report_only=True).my_cells() == []
+
+
+def test_parts_merged_by_report_only_give_the_single_process_report(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "d", "slices", n_cases=5, shape=(64, 64, 32), slice_step=8)
+    spec = ExperimentSpec(train_data=[str(data)], out=str(tmp_path / "one"), methods=["unet", "unet-full"],
+                          ks=[2], seeds=[0, 1], prep=PREP, nets={"unet": SMALL_UNET}, cache_dir=str(tmp_path / "c"),
+                          train=TrainConfig(epochs=1, sam_samples_per_epoch=2, device="cpu"), command="test")
+    whole = run_grid(spec)
+    parted = replace(spec, out=str(tmp_path / "parts"))
+    runs = [run_grid(replace(parted, num_parts=2, part_id=i)) for i in range(2)]
+    assert all(r["report"] is None for r in runs) and sum(r["n_cells"] for r in runs) == whole["n_cells"] == 4
+    assert not (tmp_path / "parts" / "report.md").exists()
+    merged = run_grid(replace(parted, report_only=True))
+    assert merged["failed"] == [] and whole["failed"] == []
+    assert (tmp_path / "parts" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+    table = [line for line in (tmp_path / "one" / "report.md").read_text().splitlines() if line.startswith("| U-Net")]
+    assert table and all(line in (tmp_path / "parts" / "report.md").read_text() for line in table)
+
+
 def test_unet_baseline_learns_on_synthetic_ct(tmp_path):
     data = write_synthetic_dataset(tmp_path / "d", "slices", n_cases=5, shape=(64, 64, 32), slice_step=4)
     cfg = BaselineRunConfig(prep=PREP, net=SMALL_UNET, data=[str(data)],

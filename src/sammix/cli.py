@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="cells run at once in separate processes (a GPU fits several)")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: report the finished cells, mark the others as not run")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the grid's cells into this many parts (SLURM array tasks, one per GPU)")
+    p.add_argument("--part-id", type=int, default=0, help="which part this process runs (0-based)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: merge the cells the parts finished into one report")
     _add_set_option(p)
     _add_prep_options(p)
 

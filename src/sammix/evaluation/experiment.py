@@ -79,6 +79,9 @@ class ExperimentSpec:
     eval_batch_size: int = 8
     jobs: int = 1  # cells run at once, each in its own process (a GPU fits several)
     no_train: bool = False  # report what is finished; cells without a finished run are not run
+    num_parts: int = 1  # the grid split into parts (SLURM array tasks, GPUs): this process runs
+    part_id: int = 0  # every num_parts-th cell from part_id; parts write no report
+    report_only: bool = False  # run nothing: merge the cells that parts (or earlier runs) finished
     command: str = ""
 
     def cells(self) -> list[Cell]:
@@ -89,6 +92,11 @@ class ExperimentSpec:
                 for seed in (self.seeds if m.seeded else [None]):
                     cells.append(Cell(name, k, seed))
         return cells
+
+    def my_cells(self) -> list[Cell]:
+        """The cells this process runs: every one, or those of part `part_id` of `num_parts`
+        (round robin over `cells()`, so P parts cover the grid exactly once)."""
+        return [] if self.report_only else self.cells()[self.part_id::self.num_parts]
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -154,6 +162,8 @@ def spec_from_args(args) -> ExperimentSpec:
         raise SammixError(f"--k values must be positive, got {args.k}")
     if args.jobs < 1:
         raise SammixError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise SammixError(f"--part-id must be in 0..{args.num_parts - 1} for --num-parts {args.num_parts}")
     from sammix.config import apply_overrides
 
     # --set reaches the shared settings of every cell: prep, model (SAM cells), train
@@ -167,7 +177,8 @@ def spec_from_args(args) -> ExperimentSpec:
         prep=base.prep, train=base.train, model=base.model,
         cache_dir=None if args.cache_dir is None else str(args.cache_dir),
         nnunet_trainer=os.environ.get("SAMMIX_NNUNET_TRAINER", "nnUNetTrainer"),
-        jobs=args.jobs, no_train=args.no_train, command=command_line(args),
+        jobs=args.jobs, no_train=args.no_train, num_parts=args.num_parts, part_id=args.part_id,
+        report_only=args.report_only, command=command_line(args),
     )
 
 
@@ -175,6 +186,10 @@ def run_experiment(args) -> dict:
     """The CLI entry: build the spec from the parsed options, run the grid, write the report.
     Raises SammixError (exit 2) after writing the report when some cells failed."""
     summary = run_grid(spec_from_args(args))
+    if summary["report"] is None:
+        print(f"part {args.part_id} of {args.num_parts}: {summary['n_cells']} cells, "
+              f"{len(summary['failed'])} failed; merge the parts with --report-only")
+        return summary
     if summary["failed"]:
         raise SammixError(f"{len(summary['failed'])} of {summary['n_cells']} cells failed "
                           f"({', '.join(summary['failed'])}); see {summary['report']}")
@@ -508,8 +523,11 @@ class Grid:
         cells = self.spec.cells()
         if not cells:
             raise SammixError("the grid is empty: no method to run")
+        mine = self.spec.my_cells()
         test_sets, self.split = load_test_sets(self.spec)
         asked = dataclasses.asdict(self.spec)
+        record = "experiment.json" if self.spec.num_parts == 1 else \
+            f"experiment-part{self.spec.part_id}of{self.spec.num_parts}.json"
         write_json({
             "command": self.spec.command, "spec": asked, "cells": [c.name for c in cells],
             "split": self.split,
@@ -517,25 +535,40 @@ class Grid:
                                     "n_cases": len(set(ts.slices.case[ts.idx]))} for ts in test_sets},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "sammix": __version__, "torch": torch.__version__,
             "cuda": torch.cuda.is_available(), "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        }, self.out / "experiment.json")
-        self.log(f"experiment: {len(cells)} cells, test sets "
+        }, self.out / record)
+        self.log(f"experiment: {len(mine)} of {len(cells)} cells, test sets "
                  + ", ".join(f"{ts.name} ({ts.domain}, {len(ts.idx)} slices)" for ts in test_sets))
         if self.spec.jobs > 1:
-            statuses = self.run_parallel(cells)
+            statuses = self.run_parallel(mine)
         else:
             statuses = []
-            bar = tqdm(cells, desc="experiment", unit="cell")
+            bar = tqdm(mine, desc="experiment", unit="cell", disable=not mine)
             for cell in bar:
                 bar.set_postfix_str(cell.name)
                 statuses.append(self.run_cell(cell, test_sets))
             bar.close()
-
         wall = time.time() - started
+        if self.spec.num_parts > 1 and not self.spec.report_only:  # the parts are merged by --report-only
+            failed = [s["cell"] for s in statuses if s["status"] != "done"]
+            self.log(f"experiment part {self.spec.part_id} of {self.spec.num_parts}: done in {wall:.0f} s, "
+                     f"{len(mine) - len(failed)} cells ok, {len(failed)} failed")
+            return {"report": None, "n_cells": len(mine), "failed": failed, "statuses": statuses,
+                    "wall_seconds": wall}
+        if self.spec.report_only:
+            statuses = [self.finished_status(cell) for cell in cells]
         report = write_report(self.spec, cells, statuses, test_sets, self.out, wall_seconds=wall)
         failed = [s["cell"] for s in statuses if s["status"] != "done"]
         self.log(f"experiment: done in {wall:.0f} s, {len(cells) - len(failed)} cells ok, {len(failed)} failed; {report}")
         return {"report": str(report), "n_cells": len(cells), "failed": failed, "statuses": statuses,
                 "wall_seconds": wall}
+
+    def finished_status(self, cell: Cell) -> dict:
+        """What an earlier run (a part, or the whole grid) recorded for `cell` in its cell.json."""
+        path = self.runs / cell.name / "cell.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"cell": cell.name, "method": cell.method, "k": cell.k, "seed": cell.seed, "status": "failed",
+                "error": "not run (no part has finished this cell)"}
 
 
     def run_parallel(self, cells: list[Cell]) -> list[dict]:
