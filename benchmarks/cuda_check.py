@@ -1,5 +1,6 @@
 """The CUDA path, checked and timed: SAM training steps and whole-model inference, fp32 vs bf16
-autocast, at several batch sizes; then a short real `train` + `evaluate` on generated CT.
+autocast, at several batch sizes; a 512 x 512 x 200 CT through `predict_volume` (target: under
+2 s per CT on one H100); then a short real `train` + `evaluate` on generated CT.
 
     python benchmarks/cuda_check.py --out cuda_check.json            # on a GPU machine
     python benchmarks/cuda_check.py --device cpu --quick              # the same code path on a CPU
@@ -72,6 +73,37 @@ def time_inference(model: SamMix, x, amp: bool, repeats: int) -> tuple[float, to
     return len(x) / float(np.median(times)), out["masks"]
 
 
+def time_volume(model: SamMix, device, batches: list[int], depth: int) -> list[dict]:
+    """One 512 x 512 x `depth` CT (generated, 0.75 mm pixels, 2 mm slices) through `predict_volume`
+    on the PyTorch engine, fp32 and bf16, at each batch size: seconds per CT (reading excluded),
+    every slice through SAM (no gate: an untrained classifier would not gate fairly)."""
+    from sammix.data.io import Volume
+    from sammix.inference.engine import Engine
+    from sammix.inference.predict import predict_volume
+
+    hu, _, affine = synthetic_ct((512, 512, depth), (0.75, 0.75, 2.0), seed=0)
+    volume = Volume(hu, affine, Path("synthetic512"))
+    rows = []
+    print(f"{'volume':<10}{'batch':>6}{'bf16':>6}{'s per CT':>10}{'peak GiB':>10}")
+    for precision in ("fp32", "bf16"):
+        engine = Engine(model, precision, "torch")
+        predict_volume(engine, Volume(hu[:, :, :8], affine, Path("warm-up")), gate=False, batch_size=8)
+        for b in batches:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            start = time.perf_counter()
+            predict_volume(engine, volume, gate=False, batch_size=b)
+            sync(device)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            rows.append({"batch": b, "precision": precision, "seconds_per_ct": seconds, "peak_gib": peak,
+                         "slices": depth})
+            print(f"{'512x' + str(depth):<10}{b:>6}{str(precision == 'bf16'):>6}{seconds:>10.2f}{peak:>10.2f}",
+                  flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
@@ -106,6 +138,8 @@ def main() -> None:
     agree = (masks[(b, False)] == masks[(b, True)]).float().mean().item()
     info["bf16_vs_fp32_mask_agreement"] = agree
     print(f"bf16 vs fp32 inference: {agree:.4f} of mask pixels agree")
+
+    info["volume"] = time_volume(model, device, [8] if args.quick else [8, 16, 32, 64], 64 if args.quick else 200)
 
     if args.skip_e2e:
         args.out.write_text(json.dumps(info, indent=1))
