@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=ModelConfig.classifier, help="efficientnet_lite0 | resnet38")
     p.add_argument("--lora-rank", type=int, default=ModelConfig.lora_rank)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel in this many processes on this machine (torchrun: one per GPU, "
+                        "or gloo on the CPU); --batch-size is per process")
     _add_set_option(p)
     _add_prep_options(p)
 
@@ -171,6 +175,12 @@ def run(args) -> int:
         print(cache.summary())
         return 0
     if args.command == "train":
+        if args.nproc < 1:
+            raise SammixError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch this command under torchrun
+            argv = _without_option(sys.argv[1:], "--nproc")
+            os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={args.nproc}", "-m", "sammix.cli", *argv])
         from sammix.training.train import train
 
         cfg = RunConfig(
@@ -229,6 +239,19 @@ def run(args) -> int:
         run_demo(data=args.data, out=args.out, epochs=args.epochs)
         return 0
     raise AssertionError(args.command)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

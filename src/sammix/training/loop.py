@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from sammix.config import resolve_device
 from sammix.runfolder import RunFolder
+from sammix.training import distributed
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -38,14 +39,21 @@ class EpochTrainer:
 
     def __init__(self, cfg, out):
         self.cfg, self.out = cfg, RunFolder(out)
-        self.device = resolve_device(cfg.train.device)
-        self.resuming = self.out.prepare(cfg)
+        self.device = resolve_device(distributed.init_from_env(cfg.train.device))
+        self.rank, self.world = distributed.world()
+        self.main = self.rank == 0  # the one rank that writes the run folder and shows progress
+        if self.main:
+            self.resuming = self.out.prepare(cfg)
+        distributed.barrier()
+        if not self.main:
+            self.resuming = self.out.last.exists()
         self.gen = seed_everything(cfg.train.seed)
         self.rng: np.random.Generator | None = None
         self.epoch, self.best = 0, float("-inf")  # a run without validation cases keeps the lowest loss
 
     def record_split(self, data, split: dict, labeled) -> None:
-        self.out.write_split(split, [{"case": data.case[i], "slice": int(data.slice_index[i])} for i in labeled])
+        if self.main:
+            self.out.write_split(split, [{"case": data.case[i], "slice": int(data.slice_index[i])} for i in labeled])
 
     # -- checkpoints ------------------------------------------------------------------------
     def _random_states(self) -> dict:
@@ -56,6 +64,8 @@ class EpochTrainer:
         return states
 
     def _save_last(self) -> None:
+        if not self.main:
+            return
         self.out.save({"epoch": self.epoch, "best": self.best, "model": self.model_state(),
                        **{k: v.state_dict() for k, v in self.optimizers().items()},
                        "rng": self._random_states()}, RunFolder.LAST)
@@ -84,27 +94,43 @@ class EpochTrainer:
     def fit(self) -> dict:
         t = self.cfg.train
         if self.epoch >= t.epochs:
-            print(f"{self.out}: already trained for {self.epoch} epochs (best validation score {self.best:.3f})")
-            self.finish()
+            if self.main:
+                print(f"{self.out}: already trained for {self.epoch} epochs (best validation score {self.best:.3f})")
+                self.finish()
             return {"best_val_score": self.best}
-        if self.resuming:
+        if self.resuming and self.main:
             print(f"resuming {self.out} after epoch {self.epoch}")
         for epoch in range(self.epoch + 1, t.epochs + 1):
             start = time.time()
             desc = f"{self.name} epoch {epoch}/{t.epochs}".strip()
-            with tqdm(total=self.steps_per_epoch(), desc=desc, unit="slice", leave=False) as bar:
+            with tqdm(total=self.steps_per_epoch(), desc=desc, unit="slice", leave=False, disable=not self.main) as bar:
                 losses = self.run_epoch(bar)
-            val = self.validate()
+            val = self.validate_once()
             self.epoch = epoch
             row = {"epoch": epoch, **losses, **val, "seconds": round(time.time() - start, 1)}
             score = self.score(losses, val)
             if score > self.best:
                 self.best = score
-                self.out.save({"model": self.best_weights(), "epoch": epoch, **val}, RunFolder.BEST)
+                if self.main:
+                    self.out.save({"model": self.best_weights(), "epoch": epoch, **val}, RunFolder.BEST)
                 row["best"] = True
             self._save_last()
-            self.out.append_log(row)
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        print(f"run folder: {self.out} (best validation score {self.best:.3f})")
-        self.finish()
+            if self.main:
+                self.out.append_log(row)
+                tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            distributed.barrier()
+        if self.main:
+            print(f"run folder: {self.out} (best validation score {self.best:.3f})")
+            self.finish()
+        distributed.barrier()
         return {"best_val_score": self.best}
+
+    def validate_once(self) -> dict:
+        """`validate` on the main rank, its result (and the thresholds it set) on every rank."""
+        val = self.validate() if self.main else None
+        val = distributed.broadcast(val)
+        self.after_validation(val)
+        return val
+
+    def after_validation(self, val: dict) -> None:
+        """What the other ranks must take over from the main rank's validation (thresholds)."""

@@ -24,6 +24,7 @@ from sammix.models.classifier import classification_loss
 from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.runfolder import RunFolder
+from sammix.training import distributed
 from sammix.training.augment import random_affine, random_intensity
 from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
@@ -66,6 +67,17 @@ def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
     return boxes
 
 
+class LogitMap(torch.nn.Module):
+    """The classifier's logit map as a forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.logit_map(x)
+
+
 class Trainer(EpochTrainer):
     def __init__(self, cfg: RunConfig, out: Path, cache_dir: Path | None = None):
         super().__init__(cfg, out)
@@ -97,12 +109,16 @@ class Trainer(EpochTrainer):
                                          weight_decay=t.weight_decay)
         self.opt_sam = torch.optim.AdamW([p for p in self.model.sam.parameters() if p.requires_grad],
                                          lr=t.lr_sam, weight_decay=t.weight_decay)
-        self.cls_steps = -(-len(self.cls_pool) // t.cls_batch_size)
+        self.cls_steps = -(-len(self.cls_pool) // (t.cls_batch_size * self.world))
         self.sched_cls = torch.optim.lr_scheduler.OneCycleLR(
             self.opt_cls, max_lr=t.lr_classifier, total_steps=self.cls_steps * t.epochs, pct_start=0.15)
         self.seg_loss = segmentation_loss()
         self.amp = self.device.type == "cuda"
         self.trains_classifier = cfg.model.prompt == "cam"  # SAM-PP prompts with the whole image: no classifier
+        # the trained modules under DistributedDataParallel when there are several ranks; SAM's two
+        # unchosen mask heads get no gradient in a step, hence find_unused
+        self.cls_step = distributed.wrap(LogitMap(self.model.classifier), self.device)
+        self.sam_step = distributed.wrap(self.model.sam, self.device, find_unused=True)
         self.resume()
 
     # -- what the shared loop (`loop.EpochTrainer`) asks of a trainer ------------------------------
@@ -120,8 +136,8 @@ class Trainer(EpochTrainer):
 
     def steps_per_epoch(self) -> int:
         t = self.cfg.train
-        return self.trains_classifier * self.cls_steps * t.cls_batch_size + max(len(self.labeled),
-                                                                              t.sam_samples_per_epoch)
+        return (self.trains_classifier * self.cls_steps * t.cls_batch_size * self.world
+                + max(len(self.labeled), t.sam_samples_per_epoch))
 
     def run_epoch(self, bar) -> dict:
         cls_loss = self.classifier_epoch(bar) if self.trains_classifier else float("nan")
@@ -132,6 +148,10 @@ class Trainer(EpochTrainer):
 
     def finish(self) -> None:
         self.calibrate()
+
+    def after_validation(self, val: dict) -> None:
+        if "val_gate_threshold" in val:
+            self.model.set_thresholds(cls_threshold=val["val_gate_threshold"])
 
     # -- one epoch of each branch -----------------------------------------------------------
     def _autocast(self):
@@ -184,7 +204,7 @@ class Trainer(EpochTrainer):
         losses = []
         self.model.classifier.train()
         for _ in range(self.cls_steps):
-            samples = [self._classifier_sample(n % 2 == 0, groups) for n in range(t.cls_batch_size)]
+            samples = [self._classifier_sample(n % 2 == 0, groups) for n in range(t.cls_batch_size * self.world)]
             x = _to_tensor(np.stack([s[0] for s in samples]), self.device)
             m = torch.from_numpy(np.stack([s[1] if s[1] is not None else np.zeros(x.shape[-2:], bool)
                                            for s in samples])).float().unsqueeze(1).to(self.device)
@@ -192,8 +212,9 @@ class Trainer(EpochTrainer):
             y = torch.tensor([s[2] for s in samples], device=self.device)
             x, m = random_affine(x, m, self.gen)
             x = random_intensity(x, self.gen)
+            x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
-                z = self.model.classifier.logit_map(x).float()
+                z = self.cls_step(x).float()
             loss = classification_loss(z.mean(dim=(1, 2)), y)
             if known.any() and t.cam_align_weight > 0:
                 target = (F.adaptive_avg_pool2d(m, z.shape[-2:])[:, 0] > 0.3).float()
@@ -202,7 +223,7 @@ class Trainer(EpochTrainer):
             loss.backward()
             self.opt_cls.step()
             self.sched_cls.step()
-            losses.append(loss.item())
+            losses.append(distributed.mean_over_ranks(loss.item()))
             bar.update(len(samples))
         return float(np.mean(losses))
 
@@ -212,7 +233,7 @@ class Trainer(EpochTrainer):
         order = self.labeled[torch.randperm(n, generator=self.gen).numpy() % len(self.labeled)]
         losses = []
         self.model.sam.train()
-        for idx in _batches(order, t.batch_size):
+        for idx in _batches(order, t.batch_size * self.world):  # a global batch; each rank trains its share
             x = _to_tensor(self.data.images[idx], self.device)
             m = torch.from_numpy(self.data.masks[idx]).float().unsqueeze(1).to(self.device)
             x, m = random_affine(x, m, self.gen)
@@ -220,8 +241,11 @@ class Trainer(EpochTrainer):
             _, boxes, mask_prompts = self.model.cam_prompts(x)
             if t.gt_box_jitter > 0:
                 boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng)
+            x, m, boxes = (distributed.share(v, self.rank, self.world) for v in (x, m, boxes))
+            if mask_prompts is not None:
+                mask_prompts = distributed.share(mask_prompts, self.rank, self.world)
             with self._autocast():
-                logits, scores = self.model.sam(x, boxes, mask_prompts)
+                logits, scores = self.sam_step(x, boxes, mask_prompts)
             logits, scores = logits.float(), scores.float()
             # train the best-scored mask (what inference will pick) and the score head
             best = scores.argmax(1)
@@ -234,7 +258,7 @@ class Trainer(EpochTrainer):
             self.opt_sam.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_sam.step()
-            losses.append(loss.item())
+            losses.append(distributed.mean_over_ranks(loss.item()))
             bar.update(len(idx))
         return float(np.mean(losses))
 
