@@ -53,10 +53,14 @@ def best_of_three(logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Ten
     return logits[rows, best], scores[rows, best]
 
 
-def candidate_value(score: float, mask: np.ndarray, cam: np.ndarray) -> float:
-    """How much a candidate answer is worth: SAM's predicted IoU times the classifier's evidence
-    for the organ inside the mask (the mean of the normalised CAM there; 0 for an empty mask)."""
-    return score * float(cam[mask].mean()) if mask.any() else 0.0
+def keep_inside(x: torch.Tensor, box) -> torch.Tensor:
+    """A slice (1,S,S) zeroed outside an xyxy box (all zeros for None): the crops the classifier
+    was trained to call organ or not (`Trainer._crop`)."""
+    kept = torch.zeros_like(x)
+    if box is not None:
+        x1, y1, x2, y2 = (int(v) for v in box)
+        kept[..., y1:y2 + 1, x1:x2 + 1] = x[..., y1:y2 + 1, x1:x2 + 1]
+    return kept
 
 
 def _runs(present: np.ndarray) -> list[tuple[int, int]]:
@@ -103,20 +107,22 @@ class SliceInferer:
         self.times["prompts"] += time.perf_counter() - start
         emb = self.backend.encode(x.float().contiguous())
         if self.cfg.prompt_candidates and cams is not None and mask_prompts is None and not self.full_box:
-            return self._choose(emb, cams)
+            return self._choose(x, emb, cams)
         logits, scores = best_of_three(*self.backend.decode(emb, boxes.float(), mask_prompts))
         return logits, scores, boxes
 
-    def _choose(self, emb: torch.Tensor, cams: torch.Tensor):
+    def _choose(self, x: torch.Tensor, emb: torch.Tensor, cams: torch.Tensor):
         """`segment` with prompt candidates (`ModelConfig.prompt_candidates`): for each slice, SAM
-        answers every box its CAM could mean (`cam.candidate_boxes`) on the slice's one embedding,
-        and the answer with the highest `candidate_value` is kept."""
+        answers every box its CAM could mean (`cam.candidate_boxes`) on the slice's one embedding;
+        each answer is worth SAM's predicted IoU times the classifier's probability that the
+        organ is in the slice zeroed outside the answer's box, and the best one is kept."""
         logits, scores, boxes = [], [], []
         for i in range(len(emb)):
-            cam = cams[i].numpy()
-            tried = torch.from_numpy(candidate_boxes(cam, per_threshold=CANDIDATES_PER_THRESHOLD))
+            tried = torch.from_numpy(candidate_boxes(cams[i].numpy(), per_threshold=CANDIDATES_PER_THRESHOLD))
             l, s = best_of_three(*self.backend.decode(emb[i:i + 1].expand(len(tried), *emb.shape[1:]), tried, None))
-            k = int(np.argmax([candidate_value(float(s[j]), (l[j] > 0).numpy(), cam) for j in range(len(tried))]))
+            crops = torch.stack([keep_inside(x[i], mask_to_box(l[j] > 0)) for j in range(len(tried))])
+            evidence = self.backend.classify(crops)[0]
+            k = int(torch.argmax(s * evidence))
             logits.append(l[k])
             scores.append(s[k])
             boxes.append(tried[k])
