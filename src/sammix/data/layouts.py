@@ -22,7 +22,6 @@ from sammix.data.io import (IMAGE2D_SUFFIXES, NIFTI_SUFFIXES, VOLUME_SUFFIXES, V
                             _suffix, read_image2d, read_volume)
 from sammix.errors import InputError
 
-LAYOUTS = ("lits", "msd", "totalseg", "slices", "pairs", "dicom")
 LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
 TUMOUR_NAMES = ("tumour", "tumor", "cancer", "lesion", "metastasis")
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from sammix.config import PrepConfig, TrainConfig, YamlConfig, resolve_device
@@ -65,13 +64,6 @@ class BaselineRunConfig(YamlConfig):
             raise InputError(path, "is not a baseline run config (no 'kind: baseline')")
         return cls(prep=prep, net=NetConfig(**raw.get("net", {})),
                    train=TrainConfig(**raw.get("train", {})), data=raw.get("data", []))
-
-
-def is_baseline_run(run: Path | str) -> bool:
-    path = RunFolder(run).config
-    if not path.is_file():
-        return False
-    return (yaml.safe_load(path.read_text()) or {}).get("kind") == "baseline"
 
 
 def build_net(cfg: NetConfig, size: int) -> nn.Module:
@@ -231,15 +223,3 @@ class NnUNetModel:
             boxes[i] = torch.from_numpy(mask_to_box(masks[i].numpy()))
         return {"probs": present.float(), "present": present, "masks": masks,
                 "cams": torch.zeros(masks.shape), "boxes": boxes, "scores": present.float()}
-
-
-def load_any(run: Path | str, device: str = "auto"):
-    """A trained run folder -> SegNet for baseline runs, NnUNetModel for nnU-Net runs, SamMix for
-    SAM-Mix / SAM-PP runs."""
-    if is_baseline_run(run):
-        return SegNet.load(run, device)
-    if (Path(run) / NNUNET_DONE).is_file():
-        return NnUNetModel(run, device)
-    from sammix.models.sammix import SamMix
-
-    return SamMix.load(run, device)

@@ -9,8 +9,6 @@ slices in [0, 1], boxes in S-pixel xyxy coordinates and returns masks at S x S.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -314,16 +312,9 @@ def trainable_state_dict(model: SamBackbone) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().clone() for n in model.trainable_names()}
 
 
-def load_trainable_state_dict(model: SamBackbone, sd: dict, base: dict | None = None) -> None:
-    """Load trained tensors into a model built on the same base weights (checked when base is given)."""
-    if base is not None:
-        mine = model.base_info
-        if base.get("backbone") != mine["backbone"] or base.get("sha256") != mine["sha256"]:
-            raise SammixError(
-                f"adapter was trained on {base.get('backbone')} weights {base.get('file')} "
-                f"(sha256 {str(base.get('sha256'))[:12]}) but this model uses {mine['backbone']} weights "
-                f"{mine['file']} (sha256 {mine['sha256'][:12]}); build it with the same base weights"
-            )
+def load_trainable_state_dict(model: SamBackbone, sd: dict) -> None:
+    """Load trained tensors into a model of the same settings (`SamMix.load_trained_state` checks
+    that the base weights are the same)."""
     expected = dict(model.named_parameters())
     names = set(model.trainable_names())
     missing = sorted(names - set(sd))
@@ -338,50 +329,3 @@ def load_trainable_state_dict(model: SamBackbone, sd: dict, base: dict | None = 
     with torch.no_grad():
         for k, v in sd.items():
             expected[k].copy_(v)
-
-
-def save_adapter(model: SamBackbone, path) -> Path:
-    """Write the trained tensors with the base-weights record and LoRA settings (atomically)."""
-    path = Path(path)
-    payload = {
-        "format": ADAPTER_FORMAT,
-        "base": model.base_info,
-        "lora": model.lora,
-        "train_prompt_encoder": model.train_prompt_encoder,
-        "state_dict": trainable_state_dict(model),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_adapter(model: SamBackbone, path) -> SamBackbone:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "adapter file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"cannot be read as an adapter ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        raise InputError(path, f"is not a sammix SAM adapter ({ADAPTER_FORMAT})")
-    try:
-        load_trainable_state_dict(model, payload["state_dict"], base=payload["base"])
-    except SammixError as exc:
-        raise InputError(path, str(exc)) from None
-    return model
-
-
-def merge_lora(model: SamBackbone) -> SamBackbone:
-    """Fold the LoRA matrices into the encoder weights (peft merge_and_unload), e.g. for ONNX export."""
-    enc = model.sam.image_encoder
-    if isinstance(enc, LoraModel):
-        model.sam.image_encoder = enc.merge_and_unload()
-    return model
