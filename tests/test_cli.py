@@ -67,3 +67,13 @@ def test_train_rejects_a_bad_set_in_one_line(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "train.epoch=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.epoch=3" in err
+
+
+def test_the_runs_window_and_8_bit_as_stored_are_different_answers():
+    from sammix.cli import build_parser
+    from sammix.config import RUN_WINDOW
+
+    for argv in (["evaluate", "--run", "r", "--data", "d", "--out", "m.json"], ["predict", "--run", "r", "x", "-o", "o"]):
+        assert build_parser().parse_args(argv).window == RUN_WINDOW
+        assert build_parser().parse_args([*argv, "--window", "none"]).window is None
+        assert build_parser().parse_args([*argv, "--window", "40,400"]).window == (40.0, 400.0)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from sammix import __version__
-from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig, apply_overrides, parse_window
+from sammix.config import (RUN_WINDOW, ModelConfig, PrepConfig, RunConfig, TrainConfig, apply_overrides,
+                            parse_window)
 from sammix.errors import SammixError
 
 
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="METRICS.json")
-    p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
+    p.add_argument("--window", type=_window, default=RUN_WINDOW,
+                   help="HU window LEVEL,WIDTH; default 'run' (the run's own); 'none': 8-bit as stored")
     p.add_argument("--split", default="all", choices=["all", "test", "val", "train"],
                    help="which cases of DATA to score: all, or a part of the run's own split")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-id", type=int, default=0, help="the part this process does, 0..NUM_PARTS-1")
     p.add_argument("--no-cleanup", action="store_true", help="skip 3D largest-component and hole filling")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--window", type=_window, default=None, help="override the run's HU window")
+    p.add_argument("--window", type=_window, default=RUN_WINDOW,
+                   help="HU window LEVEL,WIDTH; default 'run' (the run's own); 'none': 8-bit as stored")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16"],
                    help="auto: fp32 (exact); int8: the CPU encoder's linear layers in int8, about 1.5x faster, "

@@ -22,11 +22,17 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
+PAPER_WINDOW = (40.0, 400.0)  # HU level, width of the paper's preprocessing
+# Two meanings a window argument can have, each with its own name: RUN_WINDOW (evaluate and predict:
+# the trained run's own window) and None (8-bit images as stored; HU volumes clipped to [0, 255]).
+RUN_WINDOW = "run"
+
+
 @dataclass
 class PrepConfig:
     """How volumes become model-ready slices."""
 
-    window: tuple[float, float] | None = (40.0, 400.0)  # HU level, width; 8-bit images are used as they are
+    window: tuple[float, float] | None = PAPER_WINDOW  # HU level, width; None: 8-bit as stored
     size: int = 256  # model input side (image bilinear, mask nearest)
     middle_fraction: float = 1.0  # keep the middle fraction of each volume's slices (paper: 0.3)
     organ: str = "liver"
@@ -125,9 +131,11 @@ class RunConfig(YamlConfig):
 
 
 def parse_window(text: str) -> tuple[float, float] | None:
-    """'40,400' -> (40.0, 400.0); 'none' -> None (use 8-bit images as they are)."""
+    """'40,400' -> (40.0, 400.0); 'none' -> None (8-bit images as stored); 'run' -> RUN_WINDOW."""
     if text.strip().lower() in {"none", "off"}:
         return None
+    if text.strip().lower() == RUN_WINDOW:
+        return RUN_WINDOW
     try:
         level, width = (float(v) for v in text.split(","))
     except ValueError:

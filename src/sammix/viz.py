@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from sammix.config import PAPER_WINDOW
 from sammix.data.io import atomic_path
 from sammix.masks import dice_score, mask_to_box
 
@@ -29,7 +30,7 @@ BACKGROUND = "#111111"
 GT_COLOR = "#33dd55"
 PRED_COLOR = "#ff3b30"
 BOX_COLOR = "#ffd400"
-HU_WINDOW = (40.0, 400.0)
+HU_WINDOW = PAPER_WINDOW
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:

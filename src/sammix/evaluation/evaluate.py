@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sammix.config import INFERENCE_SETTINGS, with_inference_overrides
+from sammix.config import INFERENCE_SETTINGS, RUN_WINDOW, with_inference_overrides
 from sammix.data.io import write_json
 from sammix.errors import InputError
 from sammix.evaluation.metrics import slice_metrics, summarize, volume_dice
@@ -110,7 +110,7 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
     return out
 
 
-def evaluate_run(run: Path, data: Path, out: Path, window=None, split: str = "all",
+def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str = "all",
                  device: str = "auto", cache_dir: Path | None = None, diagnose: bool = False,
                  overrides=()) -> dict:
     """Score `run` on `data` into METRICS.json `out`; with `diagnose`, add where the Dice goes
@@ -119,7 +119,7 @@ def evaluate_run(run: Path, data: Path, out: Path, window=None, split: str = "al
     run, out = Path(run), Path(out)
     model = SamMix.load(run, device=device)
     model.cfg = with_inference_overrides(model.cfg, list(overrides))
-    prep = model.prep if window is None else replace(model.prep, window=window)
+    prep = model.prep if window == RUN_WINDOW else replace(model.prep, window=window)
     slices = load_sources([data], prep, cache_dir, masks=True)
     idx = select_split(slices.case, run, split)
     start = time.time()

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from sammix import __version__
-from sammix.config import with_inference_overrides
+from sammix.config import RUN_WINDOW, with_inference_overrides
 from sammix.data import io
 from sammix.data.preprocess import slice_to_unit, volume_to_unit
 from sammix.errors import SammixError, one_line
@@ -34,7 +34,6 @@ from sammix.inference.engine import Engine
 from sammix.inference.geometry import clean_mask, logits_to_native, mask_to_stored, to_model_input
 from sammix.models.inferer import SliceInferer
 
-USE_RUN = object()  # window argument: the run's own PrepConfig window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +49,7 @@ def _inferer(model, **options) -> SliceInferer:
 
 
 def _resolve_window(inferer: SliceInferer, window):
-    return inferer.backend.model.prep.window if window is USE_RUN else window
+    return inferer.backend.model.prep.window if window == RUN_WINDOW else window
 
 
 def _clear_times(inferer: SliceInferer) -> None:
@@ -104,7 +103,7 @@ def _environment(inferer: SliceInferer) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8, cleanup: bool = True,
+def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int = 8, cleanup: bool = True,
                    gate: bool = True, progress: tqdm | None = None, run=None, slice_step: int = 1,
                    **engine_options):
     """A read `Volume` -> (uint8 mask on the volume's stored grid, record dict).
@@ -156,7 +155,7 @@ def predict_volume(model, volume: io.Volume, window=USE_RUN, batch_size: int = 8
     return stored, record
 
 
-def predict_image(model, image: np.ndarray, window=USE_RUN, cleanup: bool = True, gate: bool = True,
+def predict_image(model, image: np.ndarray, window=RUN_WINDOW, cleanup: bool = True, gate: bool = True,
                   run=None, **engine_options):
     """A 2D image as read by `read_image2d` (8-bit: /255; otherwise HU through the window) ->
     (uint8 0/1 mask of the image's size, record)."""
@@ -305,7 +304,7 @@ def make_engine(model, run: Path | None = None, precision: str = "auto", backend
 
 
 def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = False, cleanup: bool = True,
-                   batch_size: int = 8, window=None, device: str = "auto", precision: str = "auto",
+                   batch_size: int = 8, window=RUN_WINDOW, device: str = "auto", precision: str = "auto",
                    backend: str = "auto", slice_step: int = 1, manifests=(), num_parts: int = 1,
                    part_id: int = 0, overrides=()) -> dict:
     """Segment every input (paths, folders, rows of manifest CSVs) into `out`, skipping those done
@@ -314,7 +313,8 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
     OUT/`batch.summary_name`: every job's input, predicted, skipped (done) or failed with its
     one-line reason.
 
-    run: a run folder or a SamMix; window None: the run's own window; `overrides`: inference
+    run: a run folder or a SamMix; window: (level, width), None (8-bit as stored) or RUN_WINDOW
+    (the run's own); `overrides`: inference
     settings (`config.with_inference_overrides`). backend "auto": ONNX Runtime
     on a CPU (the run's export, made once and cached: `export.cached_export`), PyTorch on a GPU.
     The output folder, the inputs and the run's files are checked before any model work."""
@@ -324,7 +324,7 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
         raise SammixError(f"--slice-step must be at least 1, got {slice_step}")
     out = io.check_output_folder(out)
     jobs = batch.select_part(batch.plan_jobs(inputs, manifests, out, num_parts), num_parts, part_id)
-    args = {"window": USE_RUN if window is None else window, "cleanup": cleanup, "batch_size": batch_size,
+    args = {"window": window, "cleanup": cleanup, "batch_size": batch_size,
             "preview": preview, "slice_step": slice_step,
             "run_key": batch.run_key(run, {"window": window, "cleanup": cleanup, "slice_step": slice_step,
                                            "precision": precision, "overrides": sorted(overrides)})}
