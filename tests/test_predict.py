@@ -33,16 +33,21 @@ def run(untrained_run) -> Path:
     return untrained_run
 
 
+def _with_gate(run: Path, folder: Path, threshold: float) -> Path:
+    """A copy of `run` whose gate threshold is `threshold` (its weights and export unchanged)."""
+    copy = folder / "run"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["model"]["cls_threshold"] = threshold
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return copy
+
+
 @pytest.fixture(scope="module")
 def gate_all_run(run, tmp_path_factory) -> Path:
     """The same weights with the gate shut (threshold above 1): every slice is classified, none
     goes through SAM. For tests of files and geometry, where the mask's content does not matter."""
-    closed = tmp_path_factory.mktemp("gate-all") / "run"
-    shutil.copytree(run, closed)
-    cfg = yaml.safe_load((closed / "config.yaml").read_text())
-    cfg["model"]["cls_threshold"] = 1.01
-    (closed / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return closed
+    return _with_gate(run, tmp_path_factory.mktemp("gate-all"), 1.01)
 
 
 def _nifti(path: Path, data, affine=np.eye(4)) -> Path:
@@ -373,12 +378,7 @@ def test_existing_outputs_and_inputs_are_never_overwritten(gate_all_run, tmp_pat
 @pytest.fixture(scope="module")
 def gate_open_run(run, tmp_path_factory) -> Path:
     """The untrained run with the gate open (threshold 0): SAM segments every slice."""
-    opened = tmp_path_factory.mktemp("gate-open") / "run"
-    shutil.copytree(run, opened)
-    cfg = yaml.safe_load((opened / "config.yaml").read_text())
-    cfg["model"]["cls_threshold"] = 0.0
-    (opened / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return opened
+    return _with_gate(run, tmp_path_factory.mktemp("gate-open"), 0.0)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

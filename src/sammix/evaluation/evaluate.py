@@ -134,11 +134,9 @@ def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str
         from sammix.evaluation.diagnose import diagnose as diagnosis
 
         figure = out.with_name(out.name.removesuffix(".json") + "_failures.png")
-        out.parent.mkdir(parents=True, exist_ok=True)
         metrics["diagnosis"] = diagnosis(model, slices, idx, pred, figure)
     metrics.update({"run": str(run), "data": str(data), "split": split, "window": prep.window,
                     "inference": {k: getattr(model.cfg, k) for k in INFERENCE_SETTINGS},
                     "n_slices_total": int(len(idx)), "seconds": round(seconds, 1)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics, out)
+    write_json(metrics, out)  # atomic, and makes the folder
     return metrics

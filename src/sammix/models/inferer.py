@@ -221,8 +221,9 @@ class SliceInferer:
         """Volume context: SAM from the slice the model is surest of, outwards.
 
         The seed is the present slice with the highest organ probability in the longest run of
-        present slices, segmented as `segment` does it (its CAM prompt, or prompt candidates). Each neighbour is then prompted with the
-        box of the mask next to it, grown by PROPAGATE_GROW; where the gate passes the slice,
+        present slices, segmented as `segment` does it (its CAM prompt, or prompt candidates).
+        Each neighbour is then prompted with the box of the mask next to it, grown by
+        PROPAGATE_GROW; where the gate passes the slice,
         SAM's answer to the CAM box is the check: when the propagated mask has lost the organ
         (it overlaps the neighbour's mask less than the CAM answer does), the CAM answer is
         taken. The walk stops at the organ's end: the first slice whose mask is smaller than
@@ -235,19 +236,20 @@ class SliceInferer:
         seed = first + int(np.argmax(probs[first:last + 1]))
         min_area = PROPAGATE_MIN_AREA * self.size * self.size
 
+        def seen(i: int) -> None:
+            segmented[i] = True
+            if progress is not None:
+                progress.update(1)
+
         def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
             emb = self.backend.encode(x[i:i + 1].float().contiguous())
             out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
                                                      torch.from_numpy(np.stack(boxes)).float(), None))
-            segmented[i] = True
-            if progress is not None:
-                progress.update(1)
+            seen(i)
             return [(out[0][k], float(out[1][k])) for k in range(len(boxes))]
 
         logits[seed:seed + 1], _, boxes[seed:seed + 1] = self.segment(x[seed:seed + 1], cams[seed:seed + 1])
-        segmented[seed] = True
-        if progress is not None:
-            progress.update(1)
+        seen(seed)
         for step in (1, -1):
             prev = seed
             for i in range(seed + step, z if step > 0 else -1, step):
