@@ -28,12 +28,12 @@ def random_affine(x: torch.Tensor, masks: torch.Tensor | None, generator: torch.
     return x, masks
 
 
-def random_intensity(x: torch.Tensor, generator: torch.Generator, contrast: float = 0.15,
-                     brightness: float = 0.08, gamma: float = 0.2) -> torch.Tensor:
-    """Contrast, brightness and gamma jitter of images in [0,1] (scanner and window variation)."""
+def random_intensity(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Contrast (+-15%), brightness (+-0.08) and gamma (x e^+-0.2) jitter of images in [0,1], each
+    range times `strength` (scanner and window variation)."""
     b = x.shape[0]
-    r = torch.rand(b, 3, generator=generator).to(x) * 2 - 1
-    c = (1 + r[:, 0] * contrast).view(b, 1, 1, 1)
-    br = (r[:, 1] * brightness).view(b, 1, 1, 1)
-    g = torch.exp(r[:, 2] * gamma).view(b, 1, 1, 1)
+    r = (torch.rand(b, 3, generator=generator).to(x) * 2 - 1) * strength
+    c = (1 + r[:, 0] * 0.15).view(b, 1, 1, 1)
+    br = (r[:, 1] * 0.08).view(b, 1, 1, 1)
+    g = torch.exp(r[:, 2] * 0.2).view(b, 1, 1, 1)
     return ((x.clamp(0, 1) ** g) * c + br).clamp(0, 1)

@@ -53,18 +53,52 @@ def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
 
 
 def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
-                         rng: np.random.Generator) -> torch.Tensor:
-    """Replace about `share` of the boxes (B,4) by the ground-truth box of `masks` (B,1,S,S) with
-    each side moved by -10% to +30% of the box's size (mostly looser, as CAM boxes are)."""
+                         rng: np.random.Generator, min_iou: float = 0.0) -> torch.Tensor:
+    """Replace about `share` of the boxes (B,4), and every box that overlaps the ground-truth box of
+    `masks` (B,1,S,S) with IoU below `min_iou`, by that ground-truth box with each side moved by
+    -10% to +30% of the box's size (mostly looser, as CAM boxes are)."""
     boxes, s = boxes.clone(), masks.shape[-1]
     for j in range(len(boxes)):
         truth = mask_to_box(masks[j, 0].cpu().numpy() > 0.5)
-        if truth is None or rng.random() >= share:
+        if truth is None:
+            continue
+        drawn = share > 0 and rng.random() < share
+        if not drawn and box_iou(boxes[j].cpu().numpy(), truth) >= min_iou:
             continue
         size = np.array([truth[2] - truth[0] + 1, truth[3] - truth[1] + 1] * 2)
         moved = truth + np.array([-1, -1, 1, 1]) * rng.uniform(-0.1, 0.3, 4) * size
         boxes[j] = torch.from_numpy(np.clip(moved, 0, s - 1).astype(np.float32)).to(boxes.device)
     return boxes
+
+
+class SamLoss:
+    """SAM's training loss for one batch: the segmentation loss of one of its three masks, the
+    MSE of its IoU head against the true IoU of each mask, and (`anchor_weight`) an L2 pull of the
+    decoder towards its pretrained weights (L2-SP).
+
+    `mask_choice` picks the mask that is trained: `scored`, the one SAM's IoU head ranks first
+    (what inference will pick), or `closest`, the one closest to the truth (as SAM itself was
+    trained: the head then learns to rank, the masks to be right)."""
+
+    def __init__(self, t, sam: torch.nn.Module):
+        if t.mask_choice not in ("scored", "closest"):
+            raise SammixError(f"train.mask_choice {t.mask_choice!r}: expected scored or closest")
+        self.seg_loss, self.choice = segmentation_loss(t.seg_loss), t.mask_choice
+        self.weight, self.sam = t.anchor_weight, sam
+        self.anchor = {n: p.detach().clone() for n, p in sam.named_parameters()
+                       if p.requires_grad and ".lora_" not in n} if t.anchor_weight > 0 else {}
+
+    def __call__(self, logits: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            hard = (logits > 0).float()
+            iou = (hard * masks).sum((2, 3)) / ((hard + masks).clamp(max=1).sum((2, 3)) + 1e-6)
+        pick = (scores if self.choice == "scored" else iou).argmax(1)
+        chosen = logits[torch.arange(len(pick), device=pick.device), pick].unsqueeze(1)
+        loss = self.seg_loss(chosen, masks) + F.mse_loss(scores, iou)
+        if self.anchor:
+            params = dict(self.sam.named_parameters())
+            loss = loss + self.weight * sum(((params[n] - p0) ** 2).sum() for n, p0 in self.anchor.items())
+        return loss
 
 
 class LogitMap(torch.nn.Module):
@@ -112,7 +146,7 @@ class Trainer(EpochTrainer):
         self.cls_steps = -(-len(self.cls_pool) // (t.cls_batch_size * self.world))
         self.sched_cls = torch.optim.lr_scheduler.OneCycleLR(
             self.opt_cls, max_lr=t.lr_classifier, total_steps=self.cls_steps * t.epochs, pct_start=0.15)
-        self.seg_loss = segmentation_loss()
+        self.sam_loss = SamLoss(t, self.model.sam)
         self.amp = self.device.type == "cuda"
         self.trains_classifier = cfg.model.prompt == "cam"  # SAM-PP prompts with the whole image: no classifier
         # the trained modules under DistributedDataParallel when there are several ranks; SAM's two
@@ -211,7 +245,7 @@ class Trainer(EpochTrainer):
             known = torch.tensor([s[1] is not None for s in samples], device=self.device)
             y = torch.tensor([s[2] for s in samples], device=self.device)
             x, m = random_affine(x, m, self.gen)
-            x = random_intensity(x, self.gen)
+            x = random_intensity(x, self.gen, t.intensity_augment)
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
@@ -237,24 +271,19 @@ class Trainer(EpochTrainer):
             x = _to_tensor(self.data.images[idx], self.device)
             m = torch.from_numpy(self.data.masks[idx]).float().unsqueeze(1).to(self.device)
             x, m = random_affine(x, m, self.gen)
-            x = random_intensity(x, self.gen)
+            x = random_intensity(x, self.gen, t.intensity_augment)
+            # the classifier prompts SAM as it will at inference: in eval mode (its BatchNorm statistics
+            # are neither taken from nor moved by these 4-slice batches)
+            self.model.classifier.eval()
             _, boxes, mask_prompts = self.model.cam_prompts(x)
-            if t.gt_box_jitter > 0:
-                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng)
+            if t.gt_box_jitter > 0 or t.cam_box_min_iou > 0:
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng, t.cam_box_min_iou)
             x, m, boxes = (distributed.share(v, self.rank, self.world) for v in (x, m, boxes))
             if mask_prompts is not None:
                 mask_prompts = distributed.share(mask_prompts, self.rank, self.world)
             with self._autocast():
                 logits, scores = self.sam_step(x, boxes, mask_prompts)
-            logits, scores = logits.float(), scores.float()
-            # train the best-scored mask (what inference will pick) and the score head
-            best = scores.argmax(1)
-            chosen = logits[torch.arange(len(best), device=best.device), best].unsqueeze(1)
-            with torch.no_grad():
-                hard = (logits > 0).float()
-                inter = (hard * m).sum((2, 3))
-                iou = inter / ((hard + m).clamp(max=1).sum((2, 3)) + 1e-6)
-            loss = self.seg_loss(chosen, m) + torch.nn.functional.mse_loss(scores, iou)
+            loss = self.sam_loss(logits.float(), scores.float(), m)
             self.opt_sam.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_sam.step()

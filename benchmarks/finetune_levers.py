@@ -1,0 +1,244 @@
+"""Which fine-tuning settings make SAM's own masks better (issue 11, item 2), seed by seed.
+
+    .venv/bin/python benchmarks/finetune_levers.py --run RUN --out DIR [--levers a,b] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/finetune_levers.py --run RUN --out DIR --table
+
+On this CPU the image encoder costs 1.7 s a slice, so a study of many settings x 3 seeds with the
+full trainer is out of reach. This is its proxy: SAM's decoder alone is fine-tuned (`lora_rank`
+0) on image embeddings computed once, by the frozen pretrained encoder, for 3 augmented copies
+(`random_affine`, `random_intensity`) of each of the k labelled slices a seed draws. Prompts,
+loss and the choice of mask are the trainer's own (`jittered_truth_boxes`, `SamLoss`); the
+classifier is RUN's trained one, fixed, so only SAM's settings differ between levers.
+
+Each (lever, seed) is scored on the organ slices of the test and validation cases of RUN's split
+and on the liver slices of its --cls-only-data (cross-domain: those masks are used only here),
+through `SliceInferer` (the one inference path): Dice with the CAM prompt (gate included) and with
+the true box, against the pretrained decoder given the same true box. Embeddings and results are
+kept in DIR, so a rerun only does what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+AUGMENTED_COPIES = 3
+LEVERS = {  # name -> --set overrides of the run's config
+    "base": [],
+    "truebox50": ["train.gt_box_jitter=0.5"],
+    "truebox100": ["train.gt_box_jitter=1.0"],
+    "camgood": ["train.cam_box_min_iou=0.3"],
+    "closest": ["train.mask_choice=closest"],
+    "anchor": ["train.anchor_weight=0.01"],
+    "lr3e-5": ["train.lr_sam=3e-5"],
+    "lr3e-4": ["train.lr_sam=3e-4"],
+    "steps128": ["train.sam_samples_per_epoch=128"],
+    "focal": ["train.seg_loss=dice_focal"],
+}
+
+
+def _key(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.numpy().tobytes()).hexdigest()
+
+
+class CachedBackend:
+    """A `Backend` whose encoder is a lookup of embeddings computed once; classify and decode
+    are the model's."""
+
+    def __init__(self, model, embeddings: dict):
+        self.model, self.embeddings = model, embeddings
+        self.cfg, self.size = model.cfg, model.size
+
+    def classify(self, x):
+        return self.model.classify(x)
+
+    def encode(self, x):
+        return torch.stack([self.embeddings[_key(xi)] for xi in x]).float()
+
+    def decode(self, emb, boxes, mask_prompts):
+        return self.model.decode(emb, boxes, mask_prompts)
+
+
+def _images(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def _encode(model, x: torch.Tensor, desc: str) -> torch.Tensor:
+    from tqdm import tqdm
+
+    with torch.no_grad():
+        return torch.cat([model.sam.encode(x[i:i + 8]).half() for i in tqdm(range(0, len(x), 8), desc=desc)])
+
+
+def _cached(path: Path, make):
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        torch.save(make(), tmp)
+        tmp.rename(path)
+    return torch.load(path)
+
+
+def _eval_sets(trainer, model, out: Path) -> dict:
+    """{set name: {"x", "masks", "names"}} and the embeddings of all their slices."""
+    from sammix.masks import mask_to_box
+
+    def organ_slices(data, cases=None):
+        idx = np.arange(len(data)) if cases is None else data.indices_for(cases)
+        return idx[(data.labels[idx] > 0) & data.masks[idx].reshape(len(idx), -1).any(1)]
+
+    parts = {"test": (trainer.data, organ_slices(trainer.data, trainer.split["test"])),
+             "val": (trainer.data, organ_slices(trainer.data, trainer.split["val"]))}
+    if trainer.cls_only is not None:
+        parts["cross"] = (trainer.cls_only, organ_slices(trainer.cls_only))
+    sets = {name: {"x": _images(d.images[i]), "masks": d.masks[i] > 0,
+                   "boxes": torch.from_numpy(np.stack([mask_to_box(m > 0) for m in d.masks[i]])).float(),
+                   "names": [f"{d.case[j]}/{d.slice_index[j]}" for j in i]} for name, (d, i) in parts.items()}
+    x = torch.cat([s["x"] for s in sets.values()])
+    emb = _cached(out / "eval_embeddings.pt", lambda: _encode(model, x, "encode evaluation slices"))
+    return sets, {_key(xi): e for xi, e in zip(x, emb)}
+
+
+def _train_copies(trainer, model, seed: int, out: Path) -> dict:
+    """AUGMENTED_COPIES augmented copies of the seed's k labelled slices: masks, CAM boxes and
+    embeddings."""
+    from sammix.training.augment import random_affine, random_intensity
+
+    def make():
+        gen = torch.Generator().manual_seed(seed)
+        idx = np.tile(trainer.labeled, AUGMENTED_COPIES)
+        x = _images(trainer.data.images[idx])
+        m = torch.from_numpy(trainer.data.masks[idx]).float().unsqueeze(1)
+        x, m = random_affine(x, m, gen)
+        x = random_intensity(x, gen)
+        model.classifier.eval()
+        boxes = torch.cat([model.cam_prompts(x[i:i + 16])[1] for i in range(0, len(x), 16)])
+        return {"masks": m.bool(), "cam_boxes": boxes.detach(), "emb": _encode(model, x, f"encode seed {seed} copies")}
+
+    return _cached(out / f"train_copies_s{seed}.pt", make)
+
+
+def _finetune(model, copies: dict, t, seed: int) -> None:
+    from sammix.training.train import SamLoss, jittered_truth_boxes
+
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    sam = model.sam.train()
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=t.lr_sam, weight_decay=t.weight_decay)
+    loss_fn = SamLoss(t, sam)
+    n = len(copies["emb"])
+    per_epoch = max(n // AUGMENTED_COPIES, t.sam_samples_per_epoch)
+    for _ in range(t.epochs):
+        order = torch.randperm(max(n, per_epoch), generator=gen)[:per_epoch] % n
+        for i in range(0, per_epoch, t.batch_size):
+            idx = order[i:i + t.batch_size]
+            m = copies["masks"][idx].float()
+            boxes = copies["cam_boxes"][idx]
+            if t.gt_box_jitter > 0 or t.cam_box_min_iou > 0:
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, rng, t.cam_box_min_iou)
+            logits, scores = sam.decode(copies["emb"][idx].float(), boxes, None, size=m.shape[-1])
+            loss = loss_fn(logits, scores, m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    sam.eval()
+
+
+def _score(model, sets: dict, embeddings: dict, with_cam: bool) -> dict:
+    from sammix.masks import dice_score
+    from sammix.models.inferer import SliceInferer
+
+    inferer = SliceInferer(CachedBackend(model, embeddings))
+    scores = {}
+    for name, s in sets.items():
+        row = {"slices": s["names"]}
+        for kind in ("truebox", "cam") if with_cam else ("truebox",):
+            pred = np.concatenate([inferer.predict_masks(s["x"][i:i + 16], boxes=s["boxes"][i:i + 16] if kind == "truebox" else None)
+                                   for i in range(0, len(s["x"]), 16)])
+            row[kind] = [dice_score(p, g) for p, g in zip(pred, s["masks"])]
+        scores[name] = row
+    return scores
+
+
+def run(args) -> None:
+    from sammix.config import RunConfig, apply_overrides
+    from sammix.models.sammix import SamMix
+    from sammix.training.train import Trainer
+
+    base = RunConfig.load(args.run / "config.yaml")
+    fixed = SamMix.load(args.run, device="cpu")
+    done = {p.stem for p in args.out.glob("*-s*.json")}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        todo = [lever for lever in args.levers.split(",") if f"{lever}-s{seed}" not in done]
+        if not todo:
+            continue
+        cfg = apply_overrides(base, [f"train.seed={seed}", "model.lora_rank=0"])
+        trainer = Trainer(cfg, args.out / f"split-s{seed}")  # the run's data, split and this seed's k slices
+        model = trainer.model.eval()
+        model.classifier.load_state_dict(fixed.classifier.state_dict())
+        model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
+        start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
+        sets, embeddings = _eval_sets(trainer, model, args.out)
+        copies = _train_copies(trainer, model, seed, args.out)
+        pretrained = args.out / "pretrained.json"
+        if not pretrained.exists():
+            pretrained.write_text(json.dumps(_score(model, sets, embeddings, with_cam=True)))
+        for lever in todo:
+            t = apply_overrides(cfg, LEVERS[lever]).train
+            with torch.no_grad():
+                for n, p in model.sam.named_parameters():
+                    if n in start:
+                        p.copy_(start[n])
+            torch.manual_seed(seed)
+            _finetune(model, copies, t, seed)
+            with torch.no_grad():
+                result = {"lever": lever, "seed": seed, "set": LEVERS[lever], **_score(model, sets, embeddings, True)}
+            (args.out / f"{lever}-s{seed}.json").write_text(json.dumps(result))
+            print(f"{lever} seed {seed}: " + ", ".join(
+                f"{k} {name} {np.mean(v[k]):.3f}" for name, v in result.items() if isinstance(v, dict)
+                for k in ("truebox", "cam")), flush=True)
+
+
+def _summary(d) -> str:
+    d = np.asarray(d)
+    return f"{d.mean():.3f}({(d < 0.5).sum()})"
+
+
+def table(out: Path) -> None:
+    pre = json.loads((out / "pretrained.json").read_text())
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
+    sets = [s for s in pre if isinstance(pre[s], dict)]
+    print("mean Dice (slices below 0.5), seeds in order; pretrained decoder: "
+          + "; ".join(f"{s} true box {_summary(pre[s]['truebox'])}, CAM {_summary(pre[s]['cam'])}" for s in sets))
+    print(f"{'lever':<11}" + "".join(f"{s + ' ' + k:>34}" for s in sets for k in ("truebox", "cam")) + "   broken")
+    for lever in [lv for lv in LEVERS if any(r["lever"] == lv for r in results)]:
+        rows = sorted((r for r in results if r["lever"] == lever), key=lambda r: r["seed"])
+        cells = [" ".join(_summary(r[s][k]) for r in rows) for s in sets for k in ("truebox", "cam")]
+        # slices the pretrained decoder gets right from the true box (> 0.8) and the tuned one loses (< 0.5)
+        broken = [sum(t < 0.5 and p > 0.8 for s in sets for t, p in zip(r[s]["truebox"], pre[s]["truebox"])) for r in rows]
+        print(f"{lever:<11}" + "".join(f"{c:>34}" for c in cells) + f"   {broken}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="trained SAM-Mix run: its classifier, data and split")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--table", action="store_true", help="only print the comparison of what --out holds")
+    args = ap.parse_args()
+    unknown = [lv for lv in args.levers.split(",") if lv not in LEVERS]
+    if unknown:
+        sys.exit(f"--levers: unknown {', '.join(unknown)}; known: {', '.join(LEVERS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        run(args)
+    table(args.out)
+
+
+if __name__ == "__main__":
+    main()
