@@ -40,6 +40,7 @@ LEVERS = {  # name -> --set overrides of the run's config
     "lr3e-4": ["train.lr_sam=3e-4"],
     "steps128": ["train.sam_samples_per_epoch=128"],
     "focal": ["train.seg_loss=dice_focal"],
+    "intensity2.5": ["train.intensity_augment=2.5"],  # brightness +-0.2 (+-51 HU at the lits window)
 }
 
 
@@ -104,9 +105,9 @@ def _eval_sets(trainer, model, out: Path) -> dict:
     return sets, {_key(xi): e for xi, e in zip(x, emb)}
 
 
-def _train_copies(trainer, model, seed: int, out: Path) -> dict:
-    """AUGMENTED_COPIES augmented copies of the seed's k labelled slices: masks, CAM boxes and
-    embeddings."""
+def _train_copies(trainer, model, seed: int, intensity: float, out: Path) -> dict:
+    """AUGMENTED_COPIES augmented copies of the seed's k labelled slices (intensity jitter of this
+    strength): masks, CAM boxes and embeddings."""
     from sammix.training.augment import random_affine, random_intensity
 
     def make():
@@ -115,12 +116,13 @@ def _train_copies(trainer, model, seed: int, out: Path) -> dict:
         x = _images(trainer.data.images[idx])
         m = torch.from_numpy(trainer.data.masks[idx]).float().unsqueeze(1)
         x, m = random_affine(x, m, gen)
-        x = random_intensity(x, gen)
+        x = random_intensity(x, gen, intensity)
         model.classifier.eval()
         boxes = torch.cat([model.cam_prompts(x[i:i + 16])[1] for i in range(0, len(x), 16)])
         return {"masks": m.bool(), "cam_boxes": boxes.detach(), "emb": _encode(model, x, f"encode seed {seed} copies")}
 
-    return _cached(out / f"train_copies_s{seed}.pt", make)
+    name = f"train_copies_s{seed}.pt" if intensity == 1.0 else f"train_copies_s{seed}_i{intensity}.pt"
+    return _cached(out / name, make)
 
 
 def _finetune(model, copies: dict, t, seed: int) -> None:
@@ -183,12 +185,12 @@ def run(args) -> None:
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
         sets, embeddings = _eval_sets(trainer, model, args.out)
-        copies = _train_copies(trainer, model, seed, args.out)
         pretrained = args.out / "pretrained.json"
         if not pretrained.exists():
             pretrained.write_text(json.dumps(_score(model, sets, embeddings, with_cam=True)))
         for lever in todo:
             t = apply_overrides(cfg, LEVERS[lever]).train
+            copies = _train_copies(trainer, model, seed, t.intensity_augment, args.out)
             with torch.no_grad():
                 for n, p in model.sam.named_parameters():
                     if n in start:

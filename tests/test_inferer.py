@@ -81,6 +81,29 @@ def test_propagation_follows_the_moving_organ_past_wrong_cams_and_stops_at_its_e
     assert not context["segmented"][:3].any() and not context["segmented"][21:].any()
 
 
+class NeighbourOrganBackend(ObjectsBackend):
+    """Past the organ's last slice, on slices the gate passes (`gate_extra`, as a classifier
+    passes organ-free slices of an unfamiliar scanner), SAM finds a neighbouring organ in any box
+    and returns it with a low predicted IoU (0.3): what the walk ran into on TotalSegmentator."""
+
+    def decode(self, emb, boxes, mask_prompts):
+        logits, scores = super().decode(emb, boxes, mask_prompts)
+        neighbour = torch.from_numpy(np.where(_disk(30, 50, 8), 8.0, -8.0).astype(np.float32))
+        for j, e in enumerate(emb):
+            if int(e[0]) in self.gate_extra:
+                logits[j], scores[j] = neighbour, torch.tensor([0.3, 0.2, 0.2])
+        return logits, scores
+
+
+def test_propagation_ends_where_sam_doubts_its_mask_though_the_gate_passes_the_slice():
+    backend = NeighbourOrganBackend()
+    out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
+    masks = out["logits"] > 0
+    assert out["present"][20] and out["present"][21]
+    assert not masks[20:].any()
+    assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(len(backend.organ)))
+
+
 def test_without_volume_context_the_gate_and_cam_decide_each_slice():
     backend = ObjectsBackend(wrong_cam=())
     out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=False)

@@ -25,6 +25,7 @@ INTERPOLATE_MIN_DICE = 0.9
 PROPAGATE_GROW = 0.1  # a neighbour's mask box grown by this share of its size (+2 px) on each side
 PROPAGATE_MIN_AREA = 0.001  # share of the slice: a smaller mask means the organ has ended
 PROPAGATE_MIN_SCORE = 0.7  # SAM's predicted IoU below which a slice the gate rejects ends the organ
+PROPAGATE_END_SCORE = 0.4  # SAM's predicted IoU below which any slice ends the organ
 CANDIDATES_PER_THRESHOLD = 3  # prompt candidates: CAM components tried at each threshold
 
 
@@ -227,8 +228,10 @@ class SliceInferer:
         SAM's answer to the CAM box is the check: when the propagated mask has lost the organ
         (it overlaps the neighbour's mask less than the CAM answer does), the CAM answer is
         taken. The walk stops at the organ's end: the first slice whose mask is smaller than
-        PROPAGATE_MIN_AREA of the slice, or that the gate rejects while SAM's score for it is
-        below PROPAGATE_MIN_SCORE. Slices beyond the ends are organ-free."""
+        PROPAGATE_MIN_AREA of the slice, whose mask SAM scores below PROPAGATE_END_SCORE (SAM no
+        longer sees one object there: a classifier that passes organ-free slices of an unfamiliar
+        scanner cannot end the walk, SAM's own doubt can), or that the gate rejects while SAM's
+        score is below PROPAGATE_MIN_SCORE. Slices beyond the ends are organ-free."""
         z = x.shape[0]
         logits = torch.zeros(z, self.size, self.size)
         segmented = np.zeros(z, bool)
@@ -259,14 +262,14 @@ class SliceInferer:
                 grown = expand_box(box, PROPAGATE_GROW, self.size, pixels=2.0)
                 if present[i]:
                     cam_box = self.prompter.prompts(cams[i:i + 1])[0][0].numpy()
-                    (mine, score), (cam_mask, _) = sam(i, [grown, cam_box])
+                    (mine, score), (cam_mask, cam_score) = sam(i, [grown, cam_box])
                     near = logits[prev] > 0
                     if dice_score(cam_mask > 0, near) > dice_score(mine > 0, near):
-                        mine, grown = cam_mask, cam_box
+                        mine, score, grown = cam_mask, cam_score, cam_box
                 else:
                     ((mine, score),) = sam(i, [grown])
                 area = int((mine > 0).sum())
-                if area < min_area or (not present[i] and score < PROPAGATE_MIN_SCORE):
+                if area < min_area or score < PROPAGATE_END_SCORE or (not present[i] and score < PROPAGATE_MIN_SCORE):
                     break
                 logits[i], boxes[i] = mine, torch.from_numpy(grown)
                 prev = i
