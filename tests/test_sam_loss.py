@@ -1,0 +1,85 @@
+"""SAM's training levers (issue 11): which mask is trained, the pull towards the pretrained
+decoder, the prompt mix and the intensity jitter. Small tensors, no model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sammix.config import TrainConfig
+from sammix.errors import SammixError
+from sammix.masks import box_iou, mask_to_box
+from sammix.training.augment import random_intensity
+from sammix.training.train import SamLoss, jittered_truth_boxes
+
+S = 32
+
+
+def _organ() -> torch.Tensor:
+    m = torch.zeros(1, 1, S, S)
+    m[..., 8:20, 10:24] = 1
+    return m
+
+
+def _three_masks(truth: torch.Tensor) -> torch.Tensor:
+    """Logits (1,3,S,S): mask 0 the truth, masks 1 and 2 the image's other half."""
+    right, wrong = truth[0, 0] * 16 - 8, (1 - truth[0, 0]) * 16 - 8
+    return torch.stack([right, wrong, wrong])[None].clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("choice,trained", [("scored", 2), ("closest", 0)])
+def test_the_mask_choice_decides_which_of_sams_masks_learns(choice, trained):
+    m = _organ()
+    logits = _three_masks(m)
+    scores = torch.tensor([[0.1, 0.2, 0.9]], requires_grad=True)  # the IoU head ranks the wrong mask first
+    loss = SamLoss(dataclasses.replace(TrainConfig(), mask_choice=choice), torch.nn.Linear(1, 1))
+    loss(logits, scores, m).backward()
+    moved = logits.grad.abs().sum(dim=(2, 3))[0]
+    assert moved[trained] > 0 and all(moved[k] == 0 for k in range(3) if k != trained)
+    assert scores.grad.abs().sum() > 0  # the head learns the true IoUs either way
+
+
+def test_an_unknown_mask_choice_or_loss_is_refused():
+    with pytest.raises(SammixError, match="mask_choice"):
+        SamLoss(dataclasses.replace(TrainConfig(), mask_choice="best"), torch.nn.Linear(1, 1))
+    with pytest.raises(SammixError, match="seg_loss"):
+        SamLoss(dataclasses.replace(TrainConfig(), seg_loss="tversky"), torch.nn.Linear(1, 1))
+
+
+def test_the_anchor_pulls_the_decoder_back_to_its_starting_weights():
+    decoder = torch.nn.Linear(4, 4)
+    t = dataclasses.replace(TrainConfig(), anchor_weight=0.5)
+    anchored, free = SamLoss(t, decoder), SamLoss(TrainConfig(), decoder)
+    m = _organ()
+    scores = torch.tensor([[0.9, 0.1, 0.1]])
+    assert anchored(_three_masks(m), scores, m).item() == pytest.approx(free(_three_masks(m), scores, m).item())
+    with torch.no_grad():
+        decoder.weight += 0.1
+    gap = anchored(_three_masks(m), scores, m) - free(_three_masks(m), scores, m)
+    assert gap.item() == pytest.approx(0.5 * 16 * 0.1 ** 2, rel=1e-4)
+    for p in decoder.parameters():
+        p.grad = None
+    anchored(_three_masks(m), scores, m).backward()
+    assert torch.allclose(decoder.weight.grad, torch.full((4, 4), 2 * 0.5 * 0.1), atol=1e-5)
+
+
+def test_cam_boxes_off_the_organ_become_true_boxes_and_good_ones_stay():
+    m = torch.cat([_organ(), _organ()])
+    truth = mask_to_box(m[0, 0].numpy() > 0)
+    boxes = torch.tensor([[0.0, 24.0, 8.0, 31.0], [9.0, 7.0, 24.0, 21.0]])  # off the organ; on it
+    out = jittered_truth_boxes(boxes, m, share=0.0, rng=np.random.default_rng(0), min_iou=0.3)
+    assert box_iou(out[0].numpy(), truth) > 0.5
+    assert torch.equal(out[1], boxes[1])
+    unchanged = jittered_truth_boxes(boxes, m, share=0.0, rng=np.random.default_rng(0))
+    assert torch.equal(unchanged, boxes)
+
+
+def test_intensity_jitter_scales_with_its_strength():
+    x = torch.rand(8, 1, S, S)
+    assert torch.equal(random_intensity(x, torch.Generator().manual_seed(0), 0.0), x)
+    mild = (random_intensity(x, torch.Generator().manual_seed(0), 1.0) - x).abs().mean()
+    strong = (random_intensity(x, torch.Generator().manual_seed(0), 2.5) - x).abs().mean()
+    assert 0 < mild < strong
