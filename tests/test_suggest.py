@@ -174,7 +174,8 @@ def test_real_ct_as_in_the_readme(shared_data, tmp_path):
     for case in ("lits117", "totalseg"):
         picked = sorted(r["slice"] for r in table if r["case"] == case)
         assert (np.diff(picked) >= 5).all()
-        source, label = nib.load(str(scans / f"{case}.nii.gz")), nib.load(str(out / case / "segmentations/liver.nii.gz"))
+        source = nib.load(str(scans / f"{case}.nii.gz"))
+        label = nib.load(str(out / case / "segmentations" / "liver.nii.gz"))
         assert label.shape == source.shape and np.allclose(label.affine, source.affine)
 
 
@@ -194,15 +195,19 @@ def test_an_existing_folder_is_refused_in_one_line_before_any_work(tmp_path, cap
     assert "--prefill needs --run" in capsys.readouterr().err
 
 
-def test_training_on_a_suggest_folder_needs_its_annotated_slices(tmp_path, synthetic_root, capsys):
+def test_a_suggest_folder_needs_its_annotated_slices(tmp_path, synthetic_root, capsys):
     raw, _ = _scans(tmp_path, synthetic_root)
     out = tmp_path / "out"
     suggest([raw], out, n=2, prep=PrepConfig(size=32), cache_dir=tmp_path / "cache")
     assert main(["train", "--data", str(out), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
                  *SMALL]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"sammix train: error: {out}: its label volumes are painted on the suggested slices only: train with "
+        f"sammix train: error: {out}: its label volumes are painted on the suggested slices only: give "
         f"--annotated-slices {out / 'annotated.csv'}")
+    assert main(["suggest", "--data", str(out), "-o", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "cache"),
+                 *SMALL]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"sammix suggest: error: {out}: its label volumes are painted on the suggested slices only")
 
 
 def test_painted_slices_come_back_with_a_note_for_those_not_suggested(tmp_path, synthetic_root, capsys):

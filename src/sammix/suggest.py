@@ -3,7 +3,8 @@
 Candidates are the slices where the organ is expected: in a case that slice labels cover
 (--slice-labels rows, or the z-extent of slices already painted), the slices they call present;
 elsewhere, the slices the run's gate passes (without a run, every slice). Slices already labelled
-(painted in the data's label volumes, or listed in --annotated-slices) are never suggested.
+(painted in the data's label volumes, or listed in --annotated-slices) are never suggested; a
+folder suggest wrote can be --data again, with its annotated.csv, for the next round.
 
 With a run, SAM answers each candidate and its doubt is the mean of: 1 - SAM's predicted IoU,
 1 - the IoU of the CAM's box and the box of SAM's mask, and (volumes) 1 - the Dice of the mask with
@@ -46,7 +47,7 @@ from sammix.data.layouts import detect_layout, list_cases, load_case
 from sammix.data.slice_labels import CaseSlices, label_cases, read_slice_rows
 from sammix.errors import InputError, SammixError
 from sammix.masks import box_iou, dice_score, mask_to_box
-from sammix.training.slices import ANNOTATED, SUGGESTED, SliceSet, load_sources
+from sammix.training.slices import ANNOTATED, SUGGESTED, SliceSet, check_suggested, load_sources
 
 COLUMNS = ["case", "slice", "rank", "score", "doubt", "spread", "sam_iou", "box_iou", "neighbour_dice", "file"]
 BATCH = 8
@@ -90,6 +91,7 @@ def pick(case, z, features, doubt, n: int, min_gap: int, labelled=None) -> tuple
 
 
 def _check_out(out: Path, data: list[Path], overwrite: bool) -> None:
+    """OUT may not overlap an input, nor hold anything unless overwrite; it must be writable."""
     for root in data:
         a, b = out.resolve(), root.resolve()
         if a == b or a in b.parents or b in a.parents:
@@ -117,9 +119,9 @@ class _Sources:
                     raise InputError(root, f"case {rec.case_id} is in another --data folder too; "
                                            "suggest needs each case once")
                 self.records[key] = rec
-        if self.flat and any(key[1] is None for key in self.records):
-            bad = next(rec for key, rec in self.records.items() if key[1] is None)
-            raise InputError(bad.image, "no slice number in the file name (<case>_<slice>.png)")
+        unnumbered = [rec for key, rec in self.records.items() if self.flat and key[1] is None]
+        if unnumbered:
+            raise InputError(unnumbered[0].image, "no slice number in the file name (<case>_<slice>.png)")
 
 
 def _known(src: _Sources, rows, looked) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -229,6 +231,7 @@ def suggest(data, out, n: int, run=None, prep: PrepConfig | None = None, slice_l
         prep = model.prep
     prep = prep or PrepConfig()
     src = _Sources(data, prep, cache_dir)
+    check_suggested(data, src.slices, looked if annotated_slices else None)
     if prefill and src.flat:
         raise SammixError("--prefill fills label volumes: 2D slices get an empty masks/ folder to draw in")
     expected, labelled, given = _known(src, rows, looked)
@@ -281,7 +284,8 @@ def suggest(data, out, n: int, run=None, prep: PrepConfig | None = None, slice_l
     cases = len({r["case"] for r in table})
     todo = "draw their masks in masks/" if src.flat else \
         f"paint <case>/segmentations/{prep.organ}.nii.gz, fill in present in {ANNOTATED}"
-    print(f"{len(table)} slices of {cases} case{'s' * (cases != 1)} to label -> {out} ({SUGGESTED}, montage.png; {todo})")
+    print(f"{len(table)} slices of {cases} case{'s' * (cases != 1)} to label -> {out} "
+          f"({SUGGESTED}, montage.png; {todo})")
     return table
 
 

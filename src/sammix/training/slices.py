@@ -120,15 +120,15 @@ def load_training_sources(cfg: RunConfig, cache_dir: Path | None) -> tuple[Slice
 
 def check_suggested(roots, data: SliceSet, annotated: list[SliceRow] | None) -> None:
     """Folders `sammix suggest` wrote hold label volumes painted on some slices only: they need
-    --annotated-slices. Painted slices it did not suggest, and no looked-at row lists, are labelled
-    slices too; a note says which."""
+    --annotated-slices (to train, and to suggest again). Painted slices it did not suggest, and no
+    looked-at row lists, are labelled slices too; a note says which."""
     looked = {(r.case.rpartition("/")[2], r.first) for r in annotated or []}
     for s, root in enumerate(roots):
         path = Path(root) / SUGGESTED
         if not path.is_file() or not (Path(root) / ANNOTATED).is_file():
             continue
         if annotated is None:
-            raise InputError(root, "its label volumes are painted on the suggested slices only: train with "
+            raise InputError(root, "its label volumes are painted on the suggested slices only: give "
                                    f"--annotated-slices {Path(root) / ANNOTATED}")
         with open(path, newline="", encoding="utf-8") as fh:
             asked = {(row["case"], int(row["slice"])) for row in csv.DictReader(fh)}
