@@ -9,7 +9,7 @@ import pytest
 
 from sammix.cli import main
 
-SUBCOMMANDS = ["prepare", "train", "evaluate", "predict", "export", "experiment", "demo"]
+SUBCOMMANDS = ["prepare", "train", "evaluate", "predict", "suggest", "export", "experiment", "demo"]
 
 
 def test_help_lists_every_subcommand():

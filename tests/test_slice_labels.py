@@ -77,7 +77,8 @@ def test_rows_of_both_kinds_are_read_with_their_line(tmp_path):
 
 @pytest.mark.parametrize("text, problem", [
     ("volume-1,10,20\n", "expected a header line: case,first,last or case,slice,present"),
-    ("case,first,last\nvolume-1,10\n", "row 2: expected case,first,last or case,slice,present"),
+    ("case,first,last\nvolume-1,10\n", "row 2: expected case,first,last or case,slice,present (last is empty)"),
+    ("case,slice,present\nct01,41,\n", "row 2: expected case,first,last or case,slice,present (present is empty)"),
     ("case,first,last,slice,present\nvolume-1,10,20,3,1\n", "row 2: expected case,first,last"),
     ("case,first,last\n,10,20\n", "row 2: expected case,first,last"),
     ("case,first,last\nvolume-1,ten,20\n", "row 2: first,last must be whole numbers, got ten,20"),

@@ -136,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "is interpolated from them, otherwise SAM sees it too. 1 (default): every slice")
     _add_inference_set_option(p)
 
+    p = sub.add_parser("suggest", help="which slices to label next, written out ready to paint")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="volumes (image-only, or painted: their paint is kept) or 2D slice folders; repeatable")
+    p.add_argument("--run", type=Path, default=None,
+                   help="a trained run: SAM's doubt on each slice counts, and the run's own preparation is used "
+                        "(default: no run, spread over the pretrained classifier's features alone)")
+    p.add_argument("-n", type=int, default=10, help="how many slices to suggest (default 10)")
+    p.add_argument("-o", "--out", type=Path, required=True,
+                   help="new folder: suggested.csv, montage.png, and the cases to paint (see README)")
+    p.add_argument("--slice-labels", type=Path, default=None, metavar="CSV",
+                   help="where the organ is (case,first,last or case,slice,present): suggest only from there")
+    p.add_argument("--annotated-slices", type=Path, default=None, metavar="CSV",
+                   help="slices labelled already (case,slice,present, e.g. an earlier annotated.csv): never "
+                        "suggested, and copied into OUT/annotated.csv")
+    p.add_argument("--min-gap", type=int, default=5,
+                   help="picks in one case are at least this many slices apart, and from labelled slices (default 5)")
+    p.add_argument("--prefill", action="store_true",
+                   help="the label volumes hold the run's mask on the suggested slices, to correct")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_prep_options(p)
+
     p = sub.add_parser("export", help="export a trained run (ONNX)")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--format", default="onnx", choices=["onnx"])
@@ -225,6 +247,15 @@ def run(args) -> int:
                                  precision=args.precision, slice_step=args.slice_step, manifests=args.manifest,
                                  num_parts=args.num_parts, part_id=args.part_id, overrides=args.overrides)
         return 1 if summary["failed"] else 0
+    if args.command == "suggest":
+        from sammix.suggest import suggest
+
+        if args.run is not None and _prep_config(args) != PrepConfig():
+            raise SammixError("--window, --size, --middle-fraction and --organ come from the run; drop them with --run")
+        suggest(args.data, args.out, args.n, run=args.run, prep=_prep_config(args), slice_labels=args.slice_labels,
+                annotated_slices=args.annotated_slices, min_gap=args.min_gap, prefill=args.prefill,
+                overwrite=args.overwrite, cache_dir=args.cache_dir, device=args.device)
+        return 0
     if args.command == "export":
         from sammix.inference.export import export_onnx
 

@@ -349,21 +349,33 @@ def _input_files(volume: Volume) -> set[Path]:
 
 def write_mask(mask: np.ndarray, like: Volume, path) -> Path:
     """Write a mask on `like`'s stored grid as uint8 NIfTI with `like`'s affine (atomically)."""
-    import nibabel as nib
-
-    path = Path(path)
-    if _suffix(path) not in NIFTI_SUFFIXES:
-        raise InputError(path, "mask output must end in .nii or .nii.gz")
     mask = np.asarray(mask)
     if mask.shape != like.data.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's stored shape {like.data.shape}; "
                          "map display-orientation masks with Volume.from_axial first")
+    return _write_nifti(mask.astype(np.uint8), like, path)
+
+
+def write_volume(volume: Volume, path) -> Path:
+    """Write a volume as NIfTI with its affine (atomically): int16 where its values are whole
+    numbers in int16's range (HU), float32 otherwise."""
+    data = volume.data
+    whole = np.array_equal(data, np.round(data)) and data.min() >= -32768 and data.max() <= 32767
+    return _write_nifti(data.astype(np.int16 if whole else np.float32), volume, path)
+
+
+def _write_nifti(data: np.ndarray, like: Volume, path) -> Path:
+    import nibabel as nib
+
+    path = Path(path)
+    if _suffix(path) not in NIFTI_SUFFIXES:
+        raise InputError(path, "NIfTI output must end in .nii or .nii.gz")
     if path.resolve() in _input_files(like):
         raise InputError(path, "refusing to overwrite an input file")
-    img = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
+    img = nib.Nifti1Image(data, like.affine)
     img.set_qform(like.affine, code=1)  # both forms, so every reader finds the same geometry
     img.set_sform(like.affine, code=1)
-    img.header.set_data_dtype(np.uint8)
+    img.header.set_data_dtype(data.dtype)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return path

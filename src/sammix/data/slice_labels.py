@@ -42,7 +42,9 @@ def _row(path: Path, line: int, record: dict) -> SliceRow:
     values = {k: (record.get(k) or "").strip() for k in ("case", *RANGE, *SINGLE)}
     kinds = [names for names in (RANGE, SINGLE) if any(values[n] for n in names)]
     if not values["case"] or len(kinds) != 1 or not all(values[n] for n in kinds[0]):
-        raise InputError(path, f"row {line}: expected case,first,last or case,slice,present")
+        empty = [n for n in kinds[0] if not values[n]] if values["case"] and len(kinds) == 1 else []
+        raise InputError(path, f"row {line}: expected case,first,last or case,slice,present"
+                               + (f" ({empty[0]} is empty)" if empty else ""))
     try:
         a, b = (int(values[n]) for n in kinds[0])
     except ValueError:

@@ -3,6 +3,7 @@ their slice labels (from masks, sparse masks and slice-label files)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,11 @@ import numpy as np
 from sammix.config import PrepConfig, RunConfig
 from sammix.data.cache import prepare_dataset
 from sammix.data.slice_labels import CaseSlices, SliceRow, label_cases, read_slice_rows
+from sammix.errors import InputError
+
+# what `sammix suggest` writes beside its label volumes: the slices it asked for, and the
+# looked-at rows to fill in (the --annotated-slices file)
+SUGGESTED, ANNOTATED = "suggested.csv", "annotated.csv"
 
 
 @dataclass
@@ -107,5 +113,29 @@ def load_training_sources(cfg: RunConfig, cache_dir: Path | None) -> tuple[Slice
         parts.append(load_sources(cfg.cls_only_data, cfg.prep, cache_dir, masks=False))
     rows = read_slice_rows(cfg.slice_labels) if cfg.slice_labels else []
     annotated = read_slice_rows(cfg.annotated_slices) if cfg.annotated_slices else None
+    check_suggested(cfg.data, parts[0], annotated)
     data, *cls_only = apply_slice_labels(parts, rows, annotated)
     return data, (cls_only[0] if cls_only else None)
+
+
+def check_suggested(roots, data: SliceSet, annotated: list[SliceRow] | None) -> None:
+    """Folders `sammix suggest` wrote hold label volumes painted on some slices only: they need
+    --annotated-slices (to train, and to suggest again). Painted slices it did not suggest, and no
+    looked-at row lists, are labelled slices too; a note says which."""
+    looked = {(r.case.rpartition("/")[2], r.first) for r in annotated or []}
+    for s, root in enumerate(roots):
+        path = Path(root) / SUGGESTED
+        if not path.is_file() or not (Path(root) / ANNOTATED).is_file():
+            continue
+        if annotated is None:
+            raise InputError(root, "its label volumes are painted on the suggested slices only: give "
+                                   f"--annotated-slices {Path(root) / ANNOTATED}")
+        with open(path, newline="", encoding="utf-8") as fh:
+            asked = {(row["case"], int(row["slice"])) for row in csv.DictReader(fh)}
+        idx = np.flatnonzero((data.source == s) & data.has_mask & (data.labels > 0))
+        painted = {(str(c).rpartition("/")[2], int(z)) for c, z in zip(data.case[idx], data.slice_index[idx])}
+        extra = sorted(painted - asked - looked)
+        if extra:
+            shown = ", ".join(f"{c} {z}" for c, z in extra[:5]) + (", ..." if len(extra) > 5 else "")
+            print(f"note: {root}: {len(extra)} painted slice{'s' * (len(extra) != 1)} that suggest did not ask for "
+                  f"({shown}): labelled slices too", file=sys.stderr)
