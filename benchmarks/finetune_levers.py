@@ -29,11 +29,14 @@ import numpy as np
 import torch
 
 AUGMENTED_COPIES = 3
-LEVERS = {  # name -> --set overrides of the run's config
-    "base": [],
-    "truebox50": ["train.gt_box_jitter=0.5"],
+LEVERS = {  # name -> --set overrides of the run's config (whose other settings are the current defaults)
+    "base": ["train.cam_box_min_iou=0"],  # the paper's prompts, CAM boxes only: the default before 2026-11-28
+    "truebox50": ["train.gt_box_jitter=0.5", "train.cam_box_min_iou=0"],
     "truebox100": ["train.gt_box_jitter=1.0"],
     "camgood": ["train.cam_box_min_iou=0.3"],
+    "camgood_truebox50": ["train.cam_box_min_iou=0.3", "train.gt_box_jitter=0.5"],
+    "camgood_anchor": ["train.cam_box_min_iou=0.3", "train.anchor_weight=0.01"],
+    "camgood_closest": ["train.cam_box_min_iou=0.3", "train.mask_choice=closest"],
     "closest": ["train.mask_choice=closest"],
     "anchor": ["train.anchor_weight=0.01"],
     "lr3e-5": ["train.lr_sam=3e-5"],

@@ -276,8 +276,9 @@ class Trainer(EpochTrainer):
             # are neither taken from nor moved by these 4-slice batches)
             self.model.classifier.eval()
             _, boxes, mask_prompts = self.model.cam_prompts(x)
-            if t.gt_box_jitter > 0 or t.cam_box_min_iou > 0:
-                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng, t.cam_box_min_iou)
+            min_iou = t.cam_box_min_iou if self.cfg.model.prompt == "cam" else 0.0  # SAM-PP keeps its whole-image box
+            if t.gt_box_jitter > 0 or min_iou > 0:
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng, min_iou)
             x, m, boxes = (distributed.share(v, self.rank, self.world) for v in (x, m, boxes))
             if mask_prompts is not None:
                 mask_prompts = distributed.share(mask_prompts, self.rank, self.world)
