@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,8 @@ def run(args) -> None:
         if not todo:
             continue
         cfg = apply_overrides(base, [f"train.seed={seed}", "model.lora_rank=0"])
-        trainer = Trainer(cfg, args.out / f"split-s{seed}")  # the run's data, split and this seed's k slices
+        # the run's data, split and this seed's k slices (the run folder is only scaffolding)
+        trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="levers-")))
         model = trainer.model.eval()
         model.classifier.load_state_dict(fixed.classifier.state_dict())
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
