@@ -183,8 +183,8 @@ def run(args) -> None:
         if not todo:
             continue
         cfg = apply_overrides(base, [f"train.seed={seed}", "model.lora_rank=0"])
-        # the run's data, split and this seed's k slices (the run folder is only scaffolding)
-        trainer = Trainer(cfg, Path(tempfile.mkdtemp(prefix="levers-")))
+        with tempfile.TemporaryDirectory(prefix="levers-") as scaffold:  # written by the trainer's set-up only
+            trainer = Trainer(cfg, Path(scaffold))  # the run's data, split and this seed's k slices
         model = trainer.model.eval()
         model.classifier.load_state_dict(fixed.classifier.state_dict())
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
