@@ -84,9 +84,10 @@ class SamLoss:
         if t.mask_choice not in ("scored", "closest"):
             raise SammixError(f"train.mask_choice {t.mask_choice!r}: expected scored or closest")
         self.seg_loss, self.choice = segmentation_loss(t.seg_loss), t.mask_choice
-        self.weight, self.sam = t.anchor_weight, sam
-        self.anchor = {n: p.detach().clone() for n, p in sam.named_parameters()
-                       if p.requires_grad and ".lora_" not in n} if t.anchor_weight > 0 else {}
+        self.weight = t.anchor_weight
+        # (parameter, its starting value) for the decoder's trained tensors, looked up once
+        self.anchor = [(p, p.detach().clone()) for n, p in sam.named_parameters()
+                       if p.requires_grad and ".lora_" not in n] if t.anchor_weight > 0 else []
 
     def __call__(self, logits: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -96,8 +97,7 @@ class SamLoss:
         chosen = logits[torch.arange(len(pick), device=pick.device), pick].unsqueeze(1)
         loss = self.seg_loss(chosen, masks) + F.mse_loss(scores, iou)
         if self.anchor:
-            params = dict(self.sam.named_parameters())
-            loss = loss + self.weight * sum(((params[n] - p0) ** 2).sum() for n, p0 in self.anchor.items())
+            loss = loss + self.weight * sum(((p - p0) ** 2).sum() for p, p0 in self.anchor)
         return loss
 
 
