@@ -15,6 +15,10 @@ and on the liver slices of its --cls-only-data (cross-domain: those masks are us
 through `SliceInferer` (the one inference path): Dice with the CAM prompt (gate included) and with
 the true box, against the pretrained decoder given the same true box. Embeddings and results are
 kept in DIR, so a rerun only does what is missing.
+
+Self-training levers (`train.self_train_rounds`) label the slices of the training cases outside
+the seed's k (their masks hidden: they only score the pseudo-labels, recorded per round) through
+the same path, and train on the kept answers as on the k (one copy each, not augmented).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ LEVERS = {  # name -> --set overrides of the run's config (whose other settings 
     "steps128": ["train.sam_samples_per_epoch=128"],
     "focal": ["train.seg_loss=dice_focal"],
     "intensity2.5": ["train.intensity_augment=2.5"],  # brightness +-0.2 (+-51 HU at the lits window)
+    "selftrain": ["train.self_train_rounds=1"],
+    "selftrain2": ["train.self_train_rounds=2"],
+    "selftrain_strict": ["train.self_train_rounds=1", "train.pseudo_min_box_iou=0.8"],
 }
 
 
@@ -125,33 +132,85 @@ def _train_copies(trainer, model, seed: int, intensity: float, out: Path) -> dic
         boxes = torch.cat([model.cam_prompts(x[i:i + 16])[1] for i in range(0, len(x), 16)])
         return {"masks": m.bool(), "cam_boxes": boxes.detach(), "emb": _encode(model, x, f"encode seed {seed} copies")}
 
-    name = f"train_copies_s{seed}.pt" if intensity == 1.0 else f"train_copies_s{seed}_i{intensity}.pt"
+    k = len(trainer.labeled)
+    name = f"train_copies_k{k}_s{seed}.pt" if intensity == 1.0 else f"train_copies_k{k}_s{seed}_i{intensity}.pt"
     return _cached(out / name, make)
 
 
-def _finetune(model, copies: dict, t, seed: int) -> None:
+def _pool(trainer, model, cache: Path) -> dict:
+    """Every slice of the training cases (the unlabelled pool: self-training labels it, suggest
+    picks from it) with its embedding; its masks are hidden from training and only score the
+    pseudo-labels."""
+    d = trainer.data
+    idx = d.indices_for(trainer.split["train"])
+    idx = idx[d.known[idx] & (d.labels[idx] > 0)]
+    pool = {"index": idx, "images": d.images[idx], "masks": d.masks[idx] > 0, "case": d.case[idx],
+            "z": d.slice_index[idx], "depth": d.depth[idx]}
+    x = _images(pool["images"])
+    emb = _cached(cache / "pool_embeddings.pt", lambda: _encode(model, x, "encode the unlabelled pool"))
+    pool["embeddings"] = {_key(xi): e for xi, e in zip(x, emb)}
+    pool["emb"] = emb
+    return pool
+
+
+def _sam_epochs(model, samples: dict, t, epochs: int, per_epoch: int, gen, rng) -> None:
+    """`epochs` of SAM-decoder training on samples {"emb", "masks", "cam_boxes"}, as the trainer's
+    `sam_epoch` (its prompt rule and loss)."""
     from sammix.training.train import SamLoss, jittered_truth_boxes
 
-    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     sam = model.sam.train()
     opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=t.lr_sam, weight_decay=t.weight_decay)
     loss_fn = SamLoss(t, sam)
-    n = len(copies["emb"])
-    per_epoch = max(n // AUGMENTED_COPIES, t.sam_samples_per_epoch)
-    for _ in range(t.epochs):
+    n = len(samples["emb"])
+    for _ in range(epochs):
         order = torch.randperm(max(n, per_epoch), generator=gen)[:per_epoch] % n
         for i in range(0, per_epoch, t.batch_size):
             idx = order[i:i + t.batch_size]
-            m = copies["masks"][idx].float()
-            boxes = copies["cam_boxes"][idx]
+            m = samples["masks"][idx].float()
+            boxes = samples["cam_boxes"][idx]
             if t.gt_box_jitter > 0 or t.cam_box_min_iou > 0:
                 boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, rng, t.cam_box_min_iou)
-            logits, scores = sam.decode(copies["emb"][idx].float(), boxes, None, size=m.shape[-1])
+            logits, scores = sam.decode(samples["emb"][idx].float(), boxes, None, size=m.shape[-1])
             loss = loss_fn(logits, scores, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     sam.eval()
+
+
+def _finetune(model, copies: dict, t, seed: int, pool: dict | None = None, labeled=()) -> list[dict]:
+    """The supervised epochs, then `t.self_train_rounds` rounds of self-training on the pool's
+    slices outside `labeled`; returns each round's pseudo-label statistics."""
+    from sammix.masks import dice_score
+    from sammix.models.inferer import SliceInferer
+    from sammix.training.pseudo import pseudo_label
+
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    k = len(copies["emb"]) // AUGMENTED_COPIES
+    _sam_epochs(model, copies, t, t.epochs, max(k, t.sam_samples_per_epoch), gen, rng)
+    rounds = []
+    if not t.self_train_rounds:
+        return rounds
+    free = np.flatnonzero(~np.isin(pool["index"], labeled))
+    inferer = SliceInferer(CachedBackend(model, pool["embeddings"]))
+    for _ in range(t.self_train_rounds):
+        with torch.no_grad():
+            found = pseudo_label(inferer, pool["images"][free], pool["case"][free], pool["z"][free],
+                                 pool["depth"][free], t)
+        at = free[found["index"]]
+        truth = [dice_score(m, g) for m, g in zip(found["masks"], pool["masks"][at])]
+        keep = found["keep"]
+        rounds.append({"pool": len(free), "answered": len(at), "kept": int(keep.sum()),
+                       "dice_kept": float(np.mean(np.array(truth)[keep])) if keep.any() else None,
+                       "dice_dropped": float(np.mean(np.array(truth)[~keep])) if (~keep).any() else None,
+                       "checks": {c: found[c].tolist() for c in ("sam_iou", "box_iou")}, "truth": truth})
+        kept = at[keep]
+        samples = {"emb": torch.cat([copies["emb"], pool["emb"][kept]]),
+                   "masks": torch.cat([copies["masks"], torch.from_numpy(found["masks"][keep])[:, None]]),
+                   "cam_boxes": torch.cat([copies["cam_boxes"], torch.from_numpy(found["boxes"][keep]).float()])}
+        # as the trainer: an epoch draws as many samples as a supervised one, from the k and the kept answers
+        _sam_epochs(model, samples, t, t.self_train_epochs, max(k, t.sam_samples_per_epoch), gen, rng)
+    return rounds
 
 
 def _score(model, sets: dict, embeddings: dict, with_cam: bool) -> dict:
@@ -182,28 +241,31 @@ def run(args) -> None:
         todo = [lever for lever in args.levers.split(",") if f"{lever}-s{seed}" not in done]
         if not todo:
             continue
-        cfg = apply_overrides(base, [f"train.seed={seed}", "model.lora_rank=0"])
+        cfg = apply_overrides(base, [f"train.seed={seed}", "model.lora_rank=0"]
+                              + ([f"train.labeled={args.labeled}"] if args.labeled is not None else []))
         with tempfile.TemporaryDirectory(prefix="levers-") as scaffold:  # written by the trainer's set-up only
             trainer = Trainer(cfg, Path(scaffold))  # the run's data, split and this seed's k slices
         model = trainer.model.eval()
         model.classifier.load_state_dict(fixed.classifier.state_dict())
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
-        sets, embeddings = _eval_sets(trainer, model, args.out)
-        pretrained = args.out / "pretrained.json"
+        sets, embeddings = _eval_sets(trainer, model, args.cache)
+        pool = _pool(trainer, model, args.cache)
+        pretrained = args.cache / "pretrained.json"
         if not pretrained.exists():
             pretrained.write_text(json.dumps(_score(model, sets, embeddings, with_cam=True)))
         for lever in todo:
             t = apply_overrides(cfg, LEVERS[lever]).train
-            copies = _train_copies(trainer, model, seed, t.intensity_augment, args.out)
+            copies = _train_copies(trainer, model, seed, t.intensity_augment, args.cache)
             with torch.no_grad():
                 for n, p in model.sam.named_parameters():
                     if n in start:
                         p.copy_(start[n])
             torch.manual_seed(seed)
-            _finetune(model, copies, t, seed)
+            rounds = _finetune(model, copies, t, seed, pool, trainer.labeled)
             with torch.no_grad():
-                result = {"lever": lever, "seed": seed, "set": LEVERS[lever], **_score(model, sets, embeddings, True)}
+                result = {"lever": lever, "seed": seed, "labeled": len(trainer.labeled), "set": LEVERS[lever],
+                          "self_training": rounds, **_score(model, sets, embeddings, True)}
             (args.out / f"{lever}-s{seed}.json").write_text(json.dumps(result))
             print(f"{lever} seed {seed}: " + ", ".join(
                 f"{k} {name} {np.mean(v[k]):.3f}" for name, v in result.items() if isinstance(v, dict)
@@ -215,8 +277,8 @@ def _summary(d) -> str:
     return f"{d.mean():.3f}({(d < 0.5).sum()})"
 
 
-def table(out: Path) -> None:
-    pre = json.loads((out / "pretrained.json").read_text())
+def table(out: Path, cache: Path) -> None:
+    pre = json.loads((cache / "pretrained.json").read_text())
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*-s*.json"))]
     sets = [s for s in pre if isinstance(pre[s], dict)]
     print("mean Dice (slices below 0.5), seeds in order; pretrained decoder: "
@@ -236,15 +298,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--labeled", type=int, default=None, help="k labelled slices (default: the run's)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="where embeddings and the pretrained scores are kept (default --out), to share between --out folders")
     ap.add_argument("--table", action="store_true", help="only print the comparison of what --out holds")
     args = ap.parse_args()
     unknown = [lv for lv in args.levers.split(",") if lv not in LEVERS]
     if unknown:
         sys.exit(f"--levers: unknown {', '.join(unknown)}; known: {', '.join(LEVERS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.cache = args.cache or args.out
     if not args.table:
         run(args)
-    table(args.out)
+    table(args.out, args.cache)
 
 
 if __name__ == "__main__":

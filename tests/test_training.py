@@ -17,6 +17,7 @@ from sammix.config import ModelConfig, PrepConfig, RunConfig, TrainConfig
 from sammix.errors import SammixError
 from sammix.models.sammix import SamMix
 from sammix.training import train as train_module
+from sammix.training.slices import load_sources
 from sammix.training.train import CAM_THRESHOLDS, gate_threshold, train
 
 pytestmark = pytest.mark.slow
@@ -218,3 +219,66 @@ def test_jittered_truth_boxes_surround_the_organ_loosely():
     assert ious.min() > 0.3 and ious.mean() < 0.95  # near the organ, rarely exact
     assert (out[replaced, 2] - out[replaced, 0]).mean() > truth[2] - truth[0]  # looser on average
     assert out.min() >= 0 and out.max() <= 63
+
+
+def self_training_config(dataset, unlabeled) -> RunConfig:
+    """One supervised epoch, then one self-training round of one epoch; thresholds at 0 keep every
+    non-empty answer, so the kept set is not down to how well a tiny run does."""
+    cfg = tiny_config(dataset, epochs=1)
+    cfg.unlabeled_data = [str(unlabeled)]
+    t = cfg.train
+    t.self_train_rounds, t.self_train_epochs = 1, 1
+    t.pseudo_min_score = t.pseudo_min_box_iou = t.pseudo_min_neighbour_dice = 0.0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def unlabeled(dataset, tmp_path_factory):
+    """One of the dataset's CTs as an images-only folder (no label files of any kind)."""
+    folder = tmp_path_factory.mktemp("unlabeled")
+    (folder / "scan.nii.gz").symlink_to(dataset / "volume-0.nii.gz")
+    return folder
+
+
+def test_self_training_trains_sam_on_the_kept_answers_and_resumes_inside_a_round(dataset, unlabeled, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    train(self_training_config(dataset, unlabeled), run, cache_dir=cache)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (labelled,) = [r for r in rows if r.get("epoch") == 1]
+    (round_row,) = [r for r in rows if "self_training_round" in r]
+    (second,) = [r for r in rows if r.get("epoch") == 2]
+    assert "cls_loss" in labelled and "cls_loss" not in second  # the classifier stays as trained
+    # the pool: the training cases' organ slices but the 2 labelled ones (organ-free ones are known
+    # from the masks), then all of the unlabelled scan's
+    data = load_sources([dataset], PrepConfig(size=64), cache, masks=True)
+    train_slices = data.indices_for(json.loads((run / "split.json").read_text())["train"])
+    assert round_row["pool"] == int(data.labels[train_slices].sum()) - 2 + 24
+    assert 0 < round_row["kept"] <= round_row["answered"] <= round_row["pool"]
+    assert second["sam_slices"] == 2 + round_row["kept"]  # SAM's samples are drawn from these
+    pseudo = torch.load(run / "pseudo-1.pt", weights_only=False)
+    assert len(pseudo["index"]) == round_row["kept"] and pseudo["masks"].shape[0] == round_row["kept"]
+
+    # killed in the self-training epoch: the rerun reuses the round's pseudo-labels and ends with
+    # the uninterrupted run's weights
+    calls = {"n": 0}
+    original = train_module.Trainer.sam_epoch
+
+    def stop_in_epoch_two(self, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, bar)
+
+    again = tmp_path / "again"
+    monkeypatch.setattr(train_module.Trainer, "sam_epoch", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(self_training_config(dataset, unlabeled), again, cache_dir=cache)
+    made = (again / "pseudo-1.pt").stat().st_mtime_ns
+    monkeypatch.setattr(train_module.Trainer, "sam_epoch", original)
+    train(self_training_config(dataset, unlabeled), again, cache_dir=cache)
+    assert (again / "pseudo-1.pt").stat().st_mtime_ns == made
+    ours = torch.load(again / "last.pt", map_location="cpu", weights_only=False)["model"]["sam"]
+    ref = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]["sam"]
+    for key in ref:
+        assert torch.equal(ours[key], ref[key]), key

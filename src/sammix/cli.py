@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the label volumes are painted on some slices only: only painted slices, and those this "
                         "file (case,slice,present) lists, are labelled; the others get --slice-labels or the "
                         "painted z-extent")
+    p.add_argument("--unlabeled-data", type=Path, action="append", default=[], metavar="DIR",
+                   help="images only (no labels of any kind): slices that self-training labels and trains SAM on "
+                        "(--set train.self_train_rounds=N); repeatable")
     p.add_argument("--labeled", type=int, default=None,
                    help=f"k labelled slices; 0: all (default {TrainConfig.labeled}, with --annotated-slices all)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -218,6 +221,7 @@ def run(args) -> int:
             cls_only_data=[str(d) for d in args.cls_only_data],
             slice_labels=str(args.slice_labels) if args.slice_labels else None,
             annotated_slices=str(args.annotated_slices) if args.annotated_slices else None,
+            unlabeled_data=[str(d) for d in args.unlabeled_data],
         )
         train(apply_overrides(cfg, args.overrides), args.out, cache_dir=args.cache_dir)
         return 0

@@ -90,6 +90,14 @@ class TrainConfig:
     mask_choice: str = "scored"  # which of SAM's 3 masks is trained: scored (ranked first) | closest (to the truth)
     anchor_weight: float = 0.0  # L2 pull of SAM's decoder towards its pretrained weights (L2-SP)
     intensity_augment: float = 1.0  # strength of the contrast / brightness / gamma jitter (0: none)
+    # self-training (training/pseudo.py): after the supervised epochs, each round labels the training
+    # slices without a mask and --unlabeled-data, keeps the answers the checks vouch for, and trains
+    # SAM on them and the labelled slices for self_train_epochs more epochs
+    self_train_rounds: int = 0
+    self_train_epochs: int = 3
+    pseudo_min_score: float = 0.9  # SAM's predicted IoU
+    pseudo_min_box_iou: float = 0.7  # the CAM's box against the mask's box
+    pseudo_min_neighbour_dice: float = 0.8  # volumes: against the answers on the adjacent slices
     cam_align_weight: float = 1.0  # CAM-alignment loss on slices whose mask is known (the k, and crops)
     crop_fraction: float = 0.3  # share of classifier samples that are crops of the k labelled slices
     calibrate_cam: bool = True  # after training, pick the CAM threshold by validation Dice
@@ -122,6 +130,7 @@ class RunConfig(YamlConfig):
     cls_only_data: list[str] = field(default_factory=list)
     slice_labels: str | None = None  # CSV of slice labels without masks (data/slice_labels.py)
     annotated_slices: str | None = None  # CSV of looked-at slices: the label volumes are sparse annotations
+    unlabeled_data: list[str] = field(default_factory=list)  # images only: self-training's extra slices
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
@@ -134,6 +143,7 @@ class RunConfig(YamlConfig):
             cls_only_data=raw.get("cls_only_data", []),
             slice_labels=raw.get("slice_labels"),
             annotated_slices=raw.get("annotated_slices"),
+            unlabeled_data=raw.get("unlabeled_data", []),
         )
 
 

@@ -6,9 +6,10 @@ elsewhere, the slices the run's gate passes (without a run, every slice). Slices
 (painted in the data's label volumes, or listed in --annotated-slices) are never suggested; a
 folder suggest wrote can be --data again, with its annotated.csv, for the next round.
 
-With a run, SAM answers each candidate and its doubt is the mean of: 1 - SAM's predicted IoU,
-1 - the IoU of the CAM's box and the box of SAM's mask, and (volumes) 1 - the Dice of the mask with
-the masks of its neighbouring candidates. The picks are greedy: each comes from the cases with the
+With a run, SAM answers each candidate and its doubt is the mean of the self-training checks
+(`training.pseudo.answer_checks`), turned round: 1 - SAM's predicted IoU, 1 - the IoU of the CAM's
+box and the box of SAM's mask, and (volumes) 1 - the Dice of the mask with the masks of its
+neighbouring candidates. The picks are greedy: each comes from the cases with the
 fewest picks so far (so cases are covered in turn), at least `min_gap` slices from any pick or
 labelled slice of its case, and maximises doubt + spread. Spread is how much nearer the pick
 brings its case's slices, summed, to their nearest pick or labelled slice in the classifier's
@@ -46,7 +47,7 @@ from sammix.data.io import NIFTI_SUFFIXES, _suffix, atomic_path, check_output_fo
 from sammix.data.layouts import detect_layout, list_cases, load_case
 from sammix.data.slice_labels import CaseSlices, label_cases, read_slice_rows
 from sammix.errors import InputError, SammixError
-from sammix.masks import box_iou, dice_score, mask_to_box
+from sammix.training.pseudo import answer_checks
 from sammix.training.slices import ANNOTATED, SUGGESTED, SliceSet, check_suggested, load_sources
 
 COLUMNS = ["case", "slice", "rank", "score", "doubt", "spread", "sam_iou", "box_iou", "neighbour_dice", "file"]
@@ -191,17 +192,10 @@ def _measure(src: _Sources, wanted: np.ndarray, model, classifier) -> dict:
     result["index"] = result["index"].astype(int)
     if model is None:
         return result
-    at = {(s.case[i], int(s.slice_index[i])): j for j, i in enumerate(result["index"])}
-    fits, neighbours = [], []
-    for j, i in enumerate(result["index"]):
-        mask = _mask(result, j)
-        box = mask_to_box(mask)
-        fits.append(0.0 if box is None else box_iou(result["boxes"][j], box))
-        near = [at.get((s.case[i], int(s.slice_index[i]) + d)) for d in (-1, 1)] if s.depth[i] else []
-        dice = [dice_score(mask, _mask(result, k)) for k in near if k is not None]
-        neighbours.append(float(np.mean(dice)) if dice else np.nan)
-    result["box_iou"], result["neighbour_dice"] = np.array(fits), np.array(neighbours)
-    return result
+    i = result["index"]
+    checks = answer_checks(lambda j: _mask(result, j), result["sam_iou"], result["boxes"], s.case[i],
+                           s.slice_index[i], s.depth[i])
+    return {**result, **checks}
 
 
 def suggest(data, out, n: int, run=None, prep: PrepConfig | None = None, slice_labels=None,

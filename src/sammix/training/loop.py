@@ -32,7 +32,8 @@ class EpochTrainer:
     * `score(losses, val)`: what picks the best epoch (higher is better);
     * `model_state()` / `load_model_state(state)`, `best_weights()`: what best.pt holds;
     * `optimizers()`: {name in last.pt: object with state_dict / load_state_dict};
-    * optionally `self.rng` (a numpy Generator) and `finish()` (after the last epoch).
+    * optionally `self.rng` (a numpy Generator), `total_epochs()` (default train.epochs),
+      `before_epoch(epoch)` and `finish()` (after the last epoch).
     """
 
     name = ""
@@ -88,21 +89,28 @@ class EpochTrainer:
         self.epoch, self.best = state["epoch"], state["best"]
 
     # -- the loop ---------------------------------------------------------------------------
+    def total_epochs(self) -> int:
+        return self.cfg.train.epochs
+
+    def before_epoch(self, epoch: int) -> None:
+        """Called on every rank before epoch `epoch` (1-based) runs, resumed or not."""
+
     def finish(self) -> None:
         pass
 
     def fit(self) -> dict:
-        t = self.cfg.train
-        if self.epoch >= t.epochs:
+        epochs = self.total_epochs()
+        if self.epoch >= epochs:
             if self.main:
                 print(f"{self.out}: already trained for {self.epoch} epochs (best validation score {self.best:.3f})")
                 self.finish()
             return {"best_val_score": self.best}
         if self.resuming and self.main:
             print(f"resuming {self.out} after epoch {self.epoch}")
-        for epoch in range(self.epoch + 1, t.epochs + 1):
+        for epoch in range(self.epoch + 1, epochs + 1):
+            self.before_epoch(epoch)
             start = time.time()
-            desc = f"{self.name} epoch {epoch}/{t.epochs}".strip()
+            desc = f"{self.name} epoch {epoch}/{epochs}".strip()
             with tqdm(total=self.steps_per_epoch(), desc=desc, unit="slice", leave=False, disable=not self.main) as bar:
                 losses = self.run_epoch(bar)
             val = self.validate_once()

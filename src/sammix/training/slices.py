@@ -102,7 +102,7 @@ def apply_slice_labels(parts: list[SliceSet], rows: list[SliceRow],
     if len(unknown):
         n_cases = len(set(unknown))
         print(f"warning: {len(unknown)} slices of {n_cases} case{'s' * (n_cases != 1)} have no mask and no slice "
-              "label (--slice-labels): training does not use them", file=sys.stderr)
+              "label (--slice-labels): only self-training (train.self_train_rounds) uses them", file=sys.stderr)
     return out
 
 

@@ -3,7 +3,8 @@
 A run folder holds everything needed to trust and reuse the run: config.yaml (resolved),
 split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and validation per
 epoch), last.pt (resume point) and best.pt (best validation score, see `Trainer.validate`; with the
-gate and CAM thresholds chosen on validation; what `SamMix.load` reads).
+gate and CAM thresholds chosen on validation; what `SamMix.load` reads). With self-training
+(`TrainConfig.self_train_rounds`), pseudo-N.pt holds round N's kept pseudo-labels.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sammix.errors import SammixError
 from sammix.masks import box_iou, dice_score, mask_to_box
 from sammix.models.cam import cam_to_box
 from sammix.models.classifier import classification_loss
+from sammix.models.inferer import SliceInferer
 from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.runfolder import RunFolder
@@ -28,7 +30,8 @@ from sammix.training import distributed
 from sammix.training.augment import random_affine, random_intensity
 from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
-from sammix.training.slices import SliceSet, load_training_sources
+from sammix.training.pseudo import pseudo_label
+from sammix.training.slices import SliceSet, load_sources, load_training_sources
 
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
 GATE_MARGIN = 1.0  # logits; see gate_threshold
@@ -129,6 +132,13 @@ class Trainer(EpochTrainer):
         if not len(self.labeled):
             raise SammixError(f"{', '.join(cfg.data)}: no {cfg.prep.organ} mask in the training cases to train SAM on")
         self.record_split(self.data, self.split, self.labeled)
+        # what SAM trains on: the k labelled slices, joined by the kept pseudo-labels in self-training
+        self.sam_images, self.sam_masks = self.data.images[self.labeled], self.data.masks[self.labeled]
+        self.unlabeled = load_sources(cfg.unlabeled_data, cfg.prep, cache_dir, masks=False) if cfg.unlabeled_data else None
+        if self.unlabeled is not None and not t.self_train_rounds and self.main:
+            tqdm.write("warning: --unlabeled-data is used by self-training only, and it is off "
+                       "(--set train.self_train_rounds=1 turns it on)")
+        self.pseudo_round = None
 
         # classifier pool: every training slice of --data + all --cls-only-data whose slice label is
         # known; masks are known for the k labelled slices alone (the few-label setting)
@@ -168,14 +178,62 @@ class Trainer(EpochTrainer):
     def optimizers(self) -> dict:
         return {"opt_cls": self.opt_cls, "opt_sam": self.opt_sam, "sched_cls": self.sched_cls}
 
+    def total_epochs(self) -> int:
+        t = self.cfg.train
+        return t.epochs + t.self_train_rounds * t.self_train_epochs
+
+    def _self_training(self, epoch: int) -> bool:
+        return epoch > self.cfg.train.epochs
+
     def steps_per_epoch(self) -> int:
         t = self.cfg.train
-        return (self.trains_classifier * self.cls_steps * t.cls_batch_size * self.world
-                + max(len(self.labeled), t.sam_samples_per_epoch))
+        classifier = self.trains_classifier and not self._self_training(self.epoch + 1)
+        return classifier * self.cls_steps * t.cls_batch_size * self.world + max(len(self.labeled), t.sam_samples_per_epoch)
 
     def run_epoch(self, bar) -> dict:
+        if self._self_training(self.epoch + 1):  # the classifier (and so the prompts) stay as trained
+            return {"sam_loss": self.sam_epoch(bar), "sam_slices": len(self.sam_images)}
         cls_loss = self.classifier_epoch(bar) if self.trains_classifier else float("nan")
         return {"cls_loss": cls_loss, "sam_loss": self.sam_epoch(bar)}
+
+    def before_epoch(self, epoch: int) -> None:
+        """At each self-training round (and on resuming inside one): the round's pseudo-labels,
+        computed once by the main rank with the model as it stands and kept in the run folder."""
+        t = self.cfg.train
+        if not self._self_training(epoch):
+            return
+        r = (epoch - t.epochs - 1) // t.self_train_epochs
+        if r == self.pseudo_round:
+            return
+        path = self.out / f"pseudo-{r + 1}.pt"
+        pool = self._unlabelled_pool()
+        if self.main and not path.exists():
+            self.model.eval()
+            found = pseudo_label(SliceInferer(self.model), pool.images, pool.case, pool.slice_index, pool.depth, t,
+                                 desc=f"self-training round {r + 1}/{t.self_train_rounds}: label")
+            keep = found["keep"]
+            self.out.save({"index": found["index"][keep], "masks": np.packbits(found["masks"][keep], axis=-1),
+                           "answered": len(found["index"]), "pool": len(pool)}, path.name)
+            self.out.append_log({"self_training_round": r + 1, "pool": len(pool), "answered": len(found["index"]),
+                                 "kept": int(keep.sum())})
+            tqdm.write(f"self-training round {r + 1}: {int(keep.sum())} of {len(found['index'])} answers kept "
+                       f"({len(pool)} slices without a mask)")
+        distributed.barrier()
+        state = self.out.load_weights(path.name)
+        idx, size = state["index"], self.data.images.shape[-1]
+        self.sam_images = np.concatenate([self.data.images[self.labeled], pool.images[idx]])
+        self.sam_masks = np.concatenate([self.data.masks[self.labeled],
+                                         np.unpackbits(state["masks"], axis=-1, count=size).astype(np.uint8)])
+        self.pseudo_round = r
+
+    def _unlabelled_pool(self) -> SliceSet:
+        """Training slices without a mask for SAM (those the classifier knows to be organ-free
+        left out), then every --unlabeled-data slice."""
+        d = self.data
+        idx = d.indices_for(self.split["train"])
+        idx = idx[~np.isin(idx, self.labeled) & ~(d.known[idx] & (d.labels[idx] == 0))]
+        pool = d.subset(idx)
+        return pool if self.unlabeled is None else pool.concat(self.unlabeled)
 
     def score(self, losses: dict, val: dict) -> float:
         return val.get("val_score", -losses["sam_loss"])
@@ -263,13 +321,14 @@ class Trainer(EpochTrainer):
 
     def sam_epoch(self, bar) -> float:
         t = self.cfg.train
+        # self-training epochs draw as many samples as supervised ones, from the labelled slices and kept answers
         n = max(len(self.labeled), t.sam_samples_per_epoch)
-        order = self.labeled[torch.randperm(n, generator=self.gen).numpy() % len(self.labeled)]
+        order = torch.randperm(max(n, len(self.sam_images)), generator=self.gen).numpy()[:n] % len(self.sam_images)
         losses = []
         self.model.sam.train()
         for idx in _batches(order, t.batch_size * self.world):  # a global batch; each rank trains its share
-            x = _to_tensor(self.data.images[idx], self.device)
-            m = torch.from_numpy(self.data.masks[idx]).float().unsqueeze(1).to(self.device)
+            x = _to_tensor(self.sam_images[idx], self.device)
+            m = torch.from_numpy(self.sam_masks[idx]).float().unsqueeze(1).to(self.device)
             x, m = random_affine(x, m, self.gen)
             x = random_intensity(x, self.gen, t.intensity_augment)
             # the classifier prompts SAM as it will at inference: in eval mode (its BatchNorm statistics
