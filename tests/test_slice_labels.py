@@ -9,6 +9,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from sammix.cli import main
 from sammix.config import PrepConfig
@@ -278,3 +279,38 @@ def test_train_from_ranges_and_sparse_annotations(tmp_path):
     assert labeled == expected and expected  # every painted slice of the training cases, no other
     (epoch,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
     assert np.isfinite(epoch["cls_loss"]) and np.isfinite(epoch["sam_loss"])
+
+
+@pytest.mark.slow
+def test_ranges_and_sparse_masks_train_the_same_model_as_full_masks(tmp_path):
+    """Issue 12's check, by construction: the k slices a full-mask run labels, painted alone in the
+    training CTs, with liver ranges for the rest of them, train exactly the same weights (so the
+    same Dice) as the full label volumes do. Validation and test cases stay fully painted."""
+    full = write_synthetic_dataset(tmp_path / "full", "pairs", n_cases=4, shape=(64, 64, 24))
+    tiny = ["--epochs", "1", "--batch-size", "2", "--size", "64", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--set", "train.cls_batch_size=8",
+            "--set", "train.sam_samples_per_epoch=2", "--set", "train.val_max_slices=2",
+            "--set", "train.val_fraction=0.25", "--set", "train.test_fraction=0.25"]
+    assert main(["train", "--data", str(full), "--labeled", "3", "--out", str(tmp_path / "full-run"), *tiny]) == 0
+    labeled = json.loads((tmp_path / "full-run" / "labeled.json").read_text())
+    train_cases = json.loads((tmp_path / "full-run" / "split.json").read_text())["train"]
+
+    sparse = tmp_path / "sparse"
+    shutil.copytree(full, sparse)
+    ranges = ["case,first,last"]
+    for record in list_cases(full):
+        if record.case_id in train_cases:
+            ranges += organ_ranges(record.case_id, record)
+            keep = {row["slice"] for row in labeled if row["case"] == record.case_id}
+            assert paint_sparsely(sparse, record.case_id, lambda organ: [z for z in organ if z in keep]) == sorted(keep)
+    assert main(["train", "--data", str(sparse), "--slice-labels", str(_csv(tmp_path, "\n".join(ranges) + "\n")),
+                 "--annotated-slices", str(_csv(tmp_path, "case,slice,present\n", "looked.csv")),
+                 "--out", str(tmp_path / "sparse-run"), *tiny]) == 0
+
+    assert json.loads((tmp_path / "sparse-run" / "labeled.json").read_text()) == labeled
+    ours, ref = (torch.load(tmp_path / run / "best.pt", map_location="cpu", weights_only=False)["model"]
+                 for run in ("sparse-run", "full-run"))
+    for part in ("classifier", "sam"):
+        for key in ref[part]:
+            assert torch.equal(ours[part][key], ref[part][key]), f"{part}.{key} differs"
+    assert ours["cls_threshold"] == ref["cls_threshold"] and ours.get("cam_threshold") == ref.get("cam_threshold")
