@@ -33,6 +33,22 @@ def tiny_config(data, epochs=2) -> RunConfig:
     )
 
 
+def interrupt_sam_epoch(monkeypatch, at_call: int):
+    """Make `Trainer.sam_epoch` raise KeyboardInterrupt (a kill) at its at_call-th call; returns
+    the undo."""
+    calls = {"n": 0}
+    original = train_module.Trainer.sam_epoch
+
+    def stop(self, bar):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return original(self, bar)
+
+    monkeypatch.setattr(train_module.Trainer, "sam_epoch", stop)
+    return lambda: monkeypatch.setattr(train_module.Trainer, "sam_epoch", original)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from sammix.data.synthetic import write_synthetic_dataset
@@ -160,21 +176,12 @@ def test_interrupted_training_resumes_to_the_same_weights(trained, dataset, tmp_
     """Seeded CPU runs are reproducible, and a run stopped after epoch 1 and started again ends
     with exactly the weights of the uninterrupted run."""
     reference, cache = trained
-    calls = {"n": 0}
-    original = train_module.Trainer.sam_epoch
-
-    def stop_in_epoch_two(self, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, bar)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(train_module.Trainer, "sam_epoch", stop_in_epoch_two)
+    undo = interrupt_sam_epoch(monkeypatch, at_call=2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(dataset), run, cache_dir=cache)
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
-    monkeypatch.setattr(train_module.Trainer, "sam_epoch", original)
+    undo()
     train(tiny_config(dataset), run, cache_dir=cache)
 
     ours = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
@@ -261,21 +268,12 @@ def test_self_training_trains_sam_on_the_kept_answers_and_resumes_inside_a_round
 
     # killed in the self-training epoch: the rerun reuses the round's pseudo-labels and ends with
     # the uninterrupted run's weights
-    calls = {"n": 0}
-    original = train_module.Trainer.sam_epoch
-
-    def stop_in_epoch_two(self, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, bar)
-
     again = tmp_path / "again"
-    monkeypatch.setattr(train_module.Trainer, "sam_epoch", stop_in_epoch_two)
+    undo = interrupt_sam_epoch(monkeypatch, at_call=2)
     with pytest.raises(KeyboardInterrupt):
         train(self_training_config(dataset, unlabeled), again, cache_dir=cache)
     made = (again / "pseudo-1.pt").stat().st_mtime_ns
-    monkeypatch.setattr(train_module.Trainer, "sam_epoch", original)
+    undo()
     train(self_training_config(dataset, unlabeled), again, cache_dir=cache)
     assert (again / "pseudo-1.pt").stat().st_mtime_ns == made
     ours = torch.load(again / "last.pt", map_location="cpu", weights_only=False)["model"]["sam"]
