@@ -42,25 +42,17 @@ def _features(classifier, images: np.ndarray) -> np.ndarray:
     return np.concatenate([classifier.features(x[i:i + 16]).mean(dim=(2, 3)).numpy() for i in range(0, len(x), 16)])
 
 
-@torch.no_grad()
-def _doubt(model, pool: dict) -> np.ndarray:
-    """1 - the mean of the answer checks of the model on every pool slice (1 where the gate
-    calls it organ-free: the model does not see the organ there)."""
+def _doubt(model, pool: dict, t) -> np.ndarray:
+    """The model's doubt on every pool slice, as `sammix suggest --run` ranks it (1 where the gate
+    calls a slice organ-free: the model does not see the organ there)."""
     from sammix.models.inferer import SliceInferer
-    from sammix.training.pseudo import answer_checks
+    from sammix.training.pseudo import answer_doubt, pseudo_label
 
-    inferer = SliceInferer(CachedBackend(model, pool["embeddings"]))
-    doubt = np.ones(len(pool["images"]))
-    for start in range(0, len(doubt), 16):
-        out = inferer.predict(_images(pool["images"][start:start + 16]))
-        index = out["index"].numpy()
-        if not len(index):
-            continue
-        at = start + index
-        checks = answer_checks((out["logits"] > 0).numpy(), out["scores"].numpy(), out["boxes"].numpy(),
-                               pool["case"][at], pool["z"][at], pool["depth"][at])
-        doubt[at] = np.nanmean([1 - checks[k] for k in ("sam_iou", "box_iou", "neighbour_dice")], axis=0)
-    return doubt
+    found = pseudo_label(SliceInferer(CachedBackend(model, pool["embeddings"])), pool["images"], pool["case"],
+                         pool["z"], pool["depth"], t)
+    result = np.ones(len(pool["images"]))
+    result[found["index"]] = answer_doubt(found)
+    return result
 
 
 def _train(model, start: dict, pool: dict, chosen, t, seed: int) -> None:
@@ -114,7 +106,7 @@ def run(args) -> None:
             if arm == "suggest-10+10":
                 _train(model, start, pool, picks["suggest-10"], cfg.train, seed)
                 first = np.isin(np.arange(n), picks["suggest-10"])
-                more = pick(case, z, _features(model.classifier, pool["images"]), _doubt(model, pool), 10, MIN_GAP,
+                more = pick(case, z, _features(model.classifier, pool["images"]), _doubt(model, pool, cfg.train), 10, MIN_GAP,
                             labelled=first)[0]
                 picks[arm] = np.concatenate([picks["suggest-10"], more])
             _train(model, start, pool, picks[arm], cfg.train, seed)

@@ -47,7 +47,7 @@ from sammix.data.io import NIFTI_SUFFIXES, _suffix, atomic_path, check_output_fo
 from sammix.data.layouts import detect_layout, list_cases, load_case
 from sammix.data.slice_labels import CaseSlices, label_cases, read_slice_rows
 from sammix.errors import InputError, SammixError
-from sammix.training.pseudo import answer_checks
+from sammix.training.pseudo import CHECKS, answer_checks, answer_doubt
 from sammix.training.slices import ANNOTATED, SUGGESTED, SliceSet, check_suggested, load_sources
 
 COLUMNS = ["case", "slice", "rank", "score", "doubt", "spread", "sam_iou", "box_iou", "neighbour_dice", "file"]
@@ -243,8 +243,8 @@ def suggest(data, out, n: int, run=None, prep: PrepConfig | None = None, slice_l
     if not len(index):
         raise SammixError(f"{', '.join(map(str, data))}: no slice to suggest (every candidate is labelled, "
                           "or the run's gate passes none and no --slice-labels say where the organ is)")
-    measured = ["sam_iou", "box_iou", "neighbour_dice"] if model is not None else []
-    doubt = np.nanmean([1 - found[k] for k in measured], axis=0) if measured else np.zeros(len(index))
+    measured = list(CHECKS) if model is not None else []
+    doubt = answer_doubt(found) if measured else np.zeros(len(index))
     seen = np.flatnonzero(labelled)  # count as picks: their features too
     features = [found["features"], *(_features(classifier, _unit(src.slices.images[seen[i:i + BATCH]]))
                                      for i in range(0, len(seen), BATCH))]

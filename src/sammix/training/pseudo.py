@@ -37,6 +37,14 @@ def answer_checks(masks, scores, prompt_boxes, case, z, depth) -> dict[str, np.n
             "neighbour_dice": np.array(neighbours)}
 
 
+CHECKS = ("sam_iou", "box_iou", "neighbour_dice")
+
+
+def answer_doubt(checks: dict) -> np.ndarray:
+    """(N,) in [0, 1]: 1 - the mean of the checks that could be made (what `sammix suggest` ranks by)."""
+    return np.nanmean([1 - checks[k] for k in CHECKS], axis=0)
+
+
 def confident(checks: dict, min_score: float, min_box_iou: float, min_neighbour_dice: float) -> np.ndarray:
     """(N,) bool: the answers every check vouches for (a check that could not be made, NaN,
     does not veto)."""
