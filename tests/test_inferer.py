@@ -112,6 +112,39 @@ def test_without_volume_context_the_gate_and_cam_decide_each_slice():
     assert all(dice_score(masks[i], backend.distractor) == 1.0 for i in (20, 21))  # what propagation stops
 
 
+class GateMissBackend(ObjectsBackend):
+    """The gate rejects `gate_miss` slices inside the organ. Slices come as HU (their index),
+    which `predict_axial` windows to [0, 1] (HU clipped to [0, 255], /255)."""
+
+    def __init__(self, gate_miss=(12,), **kw):
+        super().__init__(wrong_cam=(), **kw)
+        self.gate_miss = set(gate_miss)
+
+    def classify(self, x):
+        probs, cams = super().classify(x * 255)
+        zs = (x[:, 0, 0, 0] * 255).round().long().tolist()
+        return torch.tensor([0.1 if i in self.gate_miss else float(p) for i, p in zip(zs, probs)]), cams
+
+    def encode(self, x):
+        return super().encode(x * 255)
+
+
+def test_predict_keeps_the_slices_volume_context_walks_into_past_a_gate_miss():
+    from dataclasses import replace
+
+    from sammix.inference.predict import predict_axial
+
+    backend = GateMissBackend()
+    axial = np.arange(len(backend.organ), dtype=np.float32)[:, None, None] * np.ones((1, S, S), np.float32)
+    plain, _ = predict_axial(SliceInferer(backend), axial, None)
+    assert not plain[12].any()  # slice by slice, the gate's miss is a hole in the organ
+    backend.cfg = replace(backend.cfg, propagate=True)
+    masks, facts = predict_axial(SliceInferer(backend), axial, None)
+    assert not facts["present"][12] and facts["segmented"][12]
+    for i in range(len(backend.organ)):
+        assert dice_score(masks[i], backend.organ[i]) == 1.0, i
+
+
 # --- prompt candidates: constructed heat maps ---------------------------------------------------
 
 

@@ -81,7 +81,8 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
 
     t0 = time.perf_counter()
     mask = np.zeros((z, h, w), dtype=bool)
-    index = np.flatnonzero(out["present"])
+    # volume context also walks into slices the gate rejected: every slice with logits counts
+    index = np.flatnonzero(out["present"] | out["segmented"])
     for i in range(0, len(index), batch_size):
         chunk = index[i:i + batch_size]
         mask[chunk] = logits_to_native(out["logits"][chunk], (h, w))
