@@ -16,6 +16,10 @@ through `SliceInferer` (the one inference path): Dice with the CAM prompt (gate 
 the true box, against the pretrained decoder given the same true box. Embeddings and results are
 kept in DIR, so a rerun only does what is missing.
 
+With --volumes, each (lever, seed) is also scored on whole volumes (every slice, in order), slice
+by slice and with volume context (`SliceInferer.predict_volume`, `propagate` off and on): per-slice
+Dice on the organ slices and 3D Dice.
+
 Self-training levers (`train.self_train_rounds`) label the slices of the training cases outside
 the seed's k (their masks hidden: they only score the pseudo-labels, recorded per round) through
 the same path, and train on the kept answers as on the k (one copy each, not augmented).
@@ -114,6 +118,42 @@ def _eval_sets(trainer, model, out: Path) -> dict:
     x = torch.cat([s["x"] for s in sets.values()])
     emb = _cached(out / "eval_embeddings.pt", lambda: _encode(model, x, "encode evaluation slices"))
     return sets, {_key(xi): e for xi, e in zip(x, emb)}
+
+
+def _volumes(paths: list[Path], prep, model, cache: Path) -> tuple[list[dict], dict]:
+    """Every run of adjacent slices of each case of `paths` as a volume {"name", "x", "masks"},
+    and the embeddings of all their slices."""
+    from sammix.evaluation.evaluate import _adjacent_runs
+    from sammix.training.slices import load_sources
+
+    vols = []
+    for path in paths:
+        slices = load_sources([path], prep, None, masks=True)
+        for run in _adjacent_runs(slices, np.arange(len(slices))):
+            vols.append({"name": f"{path.name}/{slices.case[run[0]]}", "x": _images(slices.images[run]),
+                         "masks": slices.masks[run] > 0})
+    x = torch.cat([v["x"] for v in vols])
+    name = hashlib.sha1(" ".join(v["name"] for v in vols).encode()).hexdigest()[:12]
+    emb = _cached(cache / f"volume_embeddings_{name}.pt", lambda: _encode(model, x, "encode volume slices"))
+    return vols, {_key(xi): e for xi, e in zip(x, emb)}
+
+
+def _score_volumes(model, vols: list[dict], embeddings: dict) -> dict:
+    """{volume: {"slices" | "propagate": {"dice" (per organ slice), "dice3d"}}}."""
+    from sammix.evaluation.metrics import volume_dice
+    from sammix.masks import dice_score
+    from sammix.models.inferer import SliceInferer
+
+    inferer = SliceInferer(CachedBackend(model, embeddings))
+    scores = {}
+    for v in vols:
+        organ = v["masks"].reshape(len(v["masks"]), -1).any(1)
+        scores[v["name"]] = {}
+        for mode in ("slices", "propagate"):
+            pred = (inferer.predict_volume(v["x"], propagate=mode == "propagate")["logits"] > 0).numpy()
+            scores[v["name"]][mode] = {"dice": [dice_score(p, g) for p, g in zip(pred[organ], v["masks"][organ])],
+                                       "dice3d": volume_dice(pred, v["masks"])}
+    return scores
 
 
 def _train_copies(trainer, model, seed: int, intensity: float, out: Path) -> dict:
@@ -251,6 +291,7 @@ def run(args) -> None:
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
         sets, embeddings = _eval_sets(trainer, model, args.cache)
         pool = _pool(trainer, model, args.cache)
+        vols, vol_embeddings = _volumes(args.volumes, cfg.prep, model, args.cache) if args.volumes else ([], {})
         pretrained = args.cache / "pretrained.json"
         if not pretrained.exists():
             pretrained.write_text(json.dumps(_score(model, sets, embeddings, with_cam=True)))
@@ -266,6 +307,8 @@ def run(args) -> None:
             with torch.no_grad():
                 result = {"lever": lever, "seed": seed, "labeled": len(trainer.labeled), "set": LEVERS[lever],
                           "self_training": rounds, **_score(model, sets, embeddings, True)}
+                if vols:
+                    result["volumes"] = _score_volumes(model, vols, vol_embeddings)
             (args.out / f"{lever}-s{seed}.json").write_text(json.dumps(result))
             print(f"{lever} seed {seed}: " + ", ".join(
                 f"{k} {name} {np.mean(v[k]):.3f}" for name, v in result.items() if isinstance(v, dict)
@@ -290,6 +333,15 @@ def table(out: Path, cache: Path) -> None:
         # slices the pretrained decoder gets right from the true box (> 0.8) and the tuned one loses (< 0.5)
         broken = [sum(t < 0.5 and p > 0.8 for s in sets for t, p in zip(r[s]["truebox"], pre[s]["truebox"])) for r in rows]
         print(f"{lever:<11}" + "".join(f"{c:>34}" for c in cells) + f"   {broken}")
+    with_volumes = [r for r in results if "volumes" in r]
+    if with_volumes:
+        print("volumes: per-slice Dice (slices below 0.5) / 3D Dice, seeds in order, slice by slice -> volume context")
+    for lever in [lv for lv in LEVERS if any(r["lever"] == lv for r in with_volumes)]:
+        rows = sorted((r for r in with_volumes if r["lever"] == lever), key=lambda r: r["seed"])
+        for vol in rows[0]["volumes"]:
+            modes = [" ".join(f"{_summary(r['volumes'][vol][m]['dice'])}/{r['volumes'][vol][m]['dice3d']:.3f}" for r in rows)
+                     for m in ("slices", "propagate")]
+            print(f"{lever:<11} {vol:<32} {modes[0]} -> {modes[1]}")
 
 
 def main() -> None:
@@ -301,6 +353,8 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=None, help="k labelled slices (default: the run's)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="where embeddings and the pretrained scores are kept (default --out), to share between --out folders")
+    ap.add_argument("--volumes", type=Path, nargs="*", default=[],
+                    help="volume datasets (e.g. ../shared/data/lits-117) also scored slice by slice and with volume context")
     ap.add_argument("--table", action="store_true", help="only print the comparison of what --out holds")
     args = ap.parse_args()
     unknown = [lv for lv in args.levers.split(",") if lv not in LEVERS]

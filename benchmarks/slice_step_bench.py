@@ -1,17 +1,20 @@
-"""What `sammix predict --slice-step N` saves and costs: SAM slices and 3D Dice for N = 1..4.
+"""What `sammix predict --slice-step N` and volume context save and cost: SAM slices and 3D Dice.
 
     .venv/bin/python benchmarks/slice_step_bench.py --run RUN [--steps 1,2,3,4] [--precision int8]
 
 On the CHAOS DICOM series, the TotalSegmentator example and LiTS volume 117 (../shared/data) and
 a generated 512x512x200 CT (2 mm slices), with one engine for all: per step, how many slices SAM
 saw, seconds, and the 3D Dice of the cleaned mask against the every-slice mask (step 1) and
-against the liver labels where there are some.
+against the liver labels where there are some. The last row of each volume is volume context
+(`model.propagate`, which walks from the surest slice and stops at the organ's ends, so SAM sees
+only the slices it walks through).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +57,9 @@ def main() -> None:
 
     engine = make_engine(*load_for_inference(args.run, "cpu", args.precision), precision=args.precision)
     inferer = SliceInferer(engine)
+    inferer.cfg = replace(inferer.cfg, propagate=False)
+    context = SliceInferer(engine)
+    context.cfg = replace(context.cfg, propagate=True)
     steps = [int(s) for s in args.steps.split(",")]
     if steps[0] != 1:
         raise SystemExit("--steps must start with 1 (the reference)")
@@ -65,9 +71,12 @@ def main() -> None:
             axial = volume.axial()
             gt = None if labels is None else read_volume(labels).axial() > 0
             reference = None
-            for step in steps:
+            for step in [*steps, "context"]:
                 start = time.perf_counter()
-                mask, facts = predict_axial(inferer, axial, engine.model.prep.window, slice_step=step)
+                if step == "context":
+                    mask, facts = predict_axial(context, axial, engine.model.prep.window)
+                else:
+                    mask, facts = predict_axial(inferer, axial, engine.model.prep.window, slice_step=step)
                 _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
                 seconds = time.perf_counter() - start
                 reference = mask if reference is None else reference
