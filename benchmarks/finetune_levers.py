@@ -311,7 +311,7 @@ def run(args) -> None:
                     result["volumes"] = _score_volumes(model, vols, vol_embeddings)
             (args.out / f"{lever}-s{seed}.json").write_text(json.dumps(result))
             print(f"{lever} seed {seed}: " + ", ".join(
-                f"{k} {name} {np.mean(v[k]):.3f}" for name, v in result.items() if isinstance(v, dict)
+                f"{k} {name} {np.mean(v[k]):.3f}" for name, v in result.items() if name in sets
                 for k in ("truebox", "cam")), flush=True)
 
 
