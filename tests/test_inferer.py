@@ -104,6 +104,35 @@ def test_propagation_ends_where_sam_doubts_its_mask_though_the_gate_passes_the_s
     assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(len(backend.organ)))
 
 
+class ConfidentNeighbourBackend(NeighbourOrganBackend):
+    """As NeighbourOrganBackend, but SAM is sure of the neighbouring organ (0.8), and the
+    classifier passes the slices past the organ's end (`gate_extra`) at a third of its
+    probability on the organ (0.3, above a gate of 0.2)."""
+
+    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4)
+
+    def classify(self, x):
+        probs, cams = super().classify(x)
+        zs = x[:, 0, 0, 0].round().long().tolist()
+        return torch.tensor([0.3 if i in self.gate_extra else float(p) for i, p in zip(zs, probs)]), cams
+
+    def decode(self, emb, boxes, mask_prompts):
+        logits, scores = super().decode(emb, boxes, mask_prompts)
+        for j, e in enumerate(emb):
+            if int(e[0]) in self.gate_extra:
+                scores[j] = torch.tensor([0.8, 0.2, 0.2])
+        return logits, scores
+
+
+def test_propagation_ends_where_the_mask_outgrows_its_neighbour_and_the_classifier_doubts():
+    backend = ConfidentNeighbourBackend()
+    out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
+    masks = out["logits"] > 0
+    assert out["present"][20] and out["present"][21]
+    assert not masks[20:].any()
+    assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(len(backend.organ)))
+
+
 def test_without_volume_context_the_gate_and_cam_decide_each_slice():
     backend = ObjectsBackend(wrong_cam=())
     out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=False)

@@ -26,6 +26,10 @@ PROPAGATE_GROW = 0.1  # a neighbour's mask box grown by this share of its size (
 PROPAGATE_MIN_AREA = 0.001  # share of the slice: a smaller mask means the organ has ended
 PROPAGATE_MIN_SCORE = 0.7  # SAM's predicted IoU below which a slice the gate rejects ends the organ
 PROPAGATE_END_SCORE = 0.4  # SAM's predicted IoU below which any slice ends the organ
+# a slice whose organ probability is below this share of the seed's and whose mask outgrows its
+# neighbour's by more than PROPAGATE_END_GROWTH ends the organ (toward its ends it only shrinks)
+PROPAGATE_END_PROB = 0.5
+PROPAGATE_END_GROWTH = 1.2
 CANDIDATES_PER_THRESHOLD = 3  # prompt candidates: CAM components tried at each threshold
 
 
@@ -230,8 +234,11 @@ class SliceInferer:
         taken. The walk stops at the organ's end: the first slice whose mask is smaller than
         PROPAGATE_MIN_AREA of the slice, whose mask SAM scores below PROPAGATE_END_SCORE (SAM no
         longer sees one object there: a classifier that passes organ-free slices of an unfamiliar
-        scanner cannot end the walk, SAM's own doubt can), or that the gate rejects while SAM's
-        score is below PROPAGATE_MIN_SCORE. Slices beyond the ends are organ-free."""
+        scanner cannot end the walk, SAM's own doubt can), that the gate rejects while SAM's
+        score is below PROPAGATE_MIN_SCORE, or whose mask outgrows its neighbour's by more than
+        PROPAGATE_END_GROWTH where the classifier is less than PROPAGATE_END_PROB as sure as at
+        the seed (SAM, confident, has moved on to the next organ). Slices beyond the ends are
+        organ-free."""
         z = x.shape[0]
         logits = torch.zeros(z, self.size, self.size)
         segmented = np.zeros(z, bool)
@@ -269,7 +276,8 @@ class SliceInferer:
                 else:
                     ((mine, score),) = sam(i, [grown])
                 area = int((mine > 0).sum())
-                if area < min_area or score < PROPAGATE_END_SCORE or (not present[i] and score < PROPAGATE_MIN_SCORE):
+                grew = probs[i] < PROPAGATE_END_PROB * probs[seed] and area > PROPAGATE_END_GROWTH * int((logits[prev] > 0).sum())
+                if area < min_area or score < PROPAGATE_END_SCORE or (not present[i] and score < PROPAGATE_MIN_SCORE) or grew:
                     break
                 logits[i], boxes[i] = mine, torch.from_numpy(grown)
                 prev = i
