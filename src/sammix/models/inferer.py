@@ -236,9 +236,8 @@ class SliceInferer:
         longer sees one object there: a classifier that passes organ-free slices of an unfamiliar
         scanner cannot end the walk, SAM's own doubt can), that the gate rejects while SAM's
         score is below PROPAGATE_MIN_SCORE, or whose mask outgrows its neighbour's by more than
-        PROPAGATE_END_GROWTH where the classifier is less than PROPAGATE_END_PROB as sure as at
-        the seed (SAM, confident, has moved on to the next organ). Slices beyond the ends are
-        organ-free."""
+        PROPAGATE_END_GROWTH where the organ probability is below PROPAGATE_END_PROB of the seed's
+        (SAM, confident, has moved on to the next organ). Slices beyond the ends are organ-free."""
         z = x.shape[0]
         logits = torch.zeros(z, self.size, self.size)
         segmented = np.zeros(z, bool)
