@@ -4,6 +4,7 @@ whose organ moves, with a SAM stand-in that segments whatever object the box hol
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sammix.config import ModelConfig
@@ -95,15 +96,6 @@ class NeighbourOrganBackend(ObjectsBackend):
         return logits, scores
 
 
-def test_propagation_ends_where_sam_doubts_its_mask_though_the_gate_passes_the_slice():
-    backend = NeighbourOrganBackend()
-    out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
-    masks = out["logits"] > 0
-    assert out["present"][20] and out["present"][21]
-    assert not masks[20:].any()
-    assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(len(backend.organ)))
-
-
 class ConfidentNeighbourBackend(NeighbourOrganBackend):
     """As NeighbourOrganBackend, but SAM is sure of the neighbouring organ (0.8), and the
     classifier passes the slices past the organ's end (`gate_extra`) at a third of its
@@ -124,8 +116,10 @@ class ConfidentNeighbourBackend(NeighbourOrganBackend):
         return logits, scores
 
 
-def test_propagation_ends_where_the_mask_outgrows_its_neighbour_and_the_classifier_doubts():
-    backend = ConfidentNeighbourBackend()
+@pytest.mark.parametrize("make", [NeighbourOrganBackend, ConfidentNeighbourBackend],
+                         ids=["sam_doubts_its_mask", "the_mask_outgrows_its_neighbour_where_the_classifier_doubts"])
+def test_propagation_ends_past_the_organ_though_the_gate_passes_the_slice(make):
+    backend = make()
     out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
     masks = out["logits"] > 0
     assert out["present"][20] and out["present"][21]
