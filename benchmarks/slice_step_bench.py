@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -57,9 +56,6 @@ def main() -> None:
 
     engine = make_engine(*load_for_inference(args.run, "cpu", args.precision), precision=args.precision)
     inferer = SliceInferer(engine)
-    inferer.cfg = replace(inferer.cfg, propagate=False)
-    context = SliceInferer(engine)
-    context.cfg = replace(context.cfg, propagate=True)
     steps = [int(s) for s in args.steps.split(",")]
     if steps[0] != 1:
         raise SystemExit("--steps must start with 1 (the reference)")
@@ -73,10 +69,9 @@ def main() -> None:
             reference = None
             for step in [*steps, "context"]:
                 start = time.perf_counter()
-                if step == "context":
-                    mask, facts = predict_axial(context, axial, engine.model.prep.window)
-                else:
-                    mask, facts = predict_axial(inferer, axial, engine.model.prep.window, slice_step=step)
+                context = step == "context"
+                mask, facts = predict_axial(inferer, axial, engine.model.prep.window,
+                                            slice_step=1 if context else step, propagate=context)
                 _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
                 seconds = time.perf_counter() - start
                 reference = mask if reference is None else reference

@@ -153,16 +153,13 @@ class GateMissBackend(ObjectsBackend):
 
 
 def test_predict_keeps_the_slices_volume_context_walks_into_past_a_gate_miss():
-    from dataclasses import replace
-
     from sammix.inference.predict import predict_axial
 
     backend = GateMissBackend()
     axial = np.arange(len(backend.organ), dtype=np.float32)[:, None, None] * np.ones((1, S, S), np.float32)
     plain, _ = predict_axial(SliceInferer(backend), axial, None)
     assert not plain[12].any()  # slice by slice, the gate's miss is a hole in the organ
-    backend.cfg = replace(backend.cfg, propagate=True)
-    masks, facts = predict_axial(SliceInferer(backend), axial, None)
+    masks, facts = predict_axial(SliceInferer(backend), axial, None, propagate=True)
     assert not facts["present"][12] and facts["segmented"][12]
     for i in range(len(backend.organ)):
         assert dice_score(masks[i], backend.organ[i]) == 1.0, i

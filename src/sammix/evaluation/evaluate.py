@@ -72,7 +72,7 @@ def per_case_dice(slices, idx: np.ndarray, masks: np.ndarray) -> dict[str, float
     return result
 
 
-def _adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
+def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
     """`idx` cut into the runs of adjacent slices (consecutive slice indices) of each case, each
     in order from inferior to superior."""
     runs = []
@@ -101,7 +101,7 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
            "scores": np.zeros(n, np.float32)}
     where = {int(i): j for j, i in enumerate(idx)}
     inferer = SliceInferer(model.eval())
-    for run in tqdm(_adjacent_runs(slices, idx), desc=desc, unit="volume", leave=False):
+    for run in tqdm(adjacent_runs(slices, idx), desc=desc, unit="volume", leave=False):
         pos = [where[int(i)] for i in run]
         x = torch.from_numpy(slices.images[run].astype(np.float32) / 255.0).unsqueeze(1)
         res = inferer.predict_volume(x, batch_size=batch_size)

@@ -63,9 +63,10 @@ def _stage_times(inferer: SliceInferer) -> dict[str, float]:
 
 def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
                   progress: tqdm | None = None, times: dict | None = None,
-                  slice_step: int = 1) -> tuple[np.ndarray, dict]:
+                  slice_step: int = 1, propagate: bool | None = None) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
-    and per-slice facts {"probs", "present", "segmented"} (`SliceInferer.predict_volume`)."""
+    and per-slice facts {"probs", "present", "segmented"} (`SliceInferer.predict_volume`, whose
+    `propagate` default is the run's)."""
     if slice_step < 1:
         raise ValueError(f"slice_step must be >= 1, got {slice_step}")
     inferer = _inferer(inferer)
@@ -77,7 +78,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
         x[start:start + batch_size] = to_model_input(volume_to_unit(axial[start:start + batch_size], window),
                                                       inferer.size)
     times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
-    out = inferer.predict_volume(x, gate, slice_step, batch_size, progress)
+    out = inferer.predict_volume(x, gate, slice_step, batch_size, progress, propagate)
 
     t0 = time.perf_counter()
     mask = np.zeros((z, h, w), dtype=bool)
