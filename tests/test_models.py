@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sammix.config import ModelConfig
 from sammix.errors import InputError, SammixError
-from sammix.inference.graphs import inference_encoder
+from sammix.inference.graphs import closed_form_cam, inference_encoder
 from sammix.masks import box_iou, expand_box, mask_to_box
 from sammix.models.cam import CamPrompter, cam_to_box, cam_to_mask_prompt, main_component
 from sammix.models.classifier import SliceClassifier, build_classifier, classification_loss
@@ -150,10 +150,35 @@ def test_gradcam_localises_and_leaves_gradients_alone():
     assert none is None and torch.equal(boxes_only, prompter.prompts(cams)[0])
 
 
+def test_log_mean_exp_pooling_counts_a_small_organ_and_keeps_the_cam():
+    model = brightness_classifier()
+    with torch.no_grad():
+        model.logit_conv.weight.fill_(8.0)  # logits 0..8: the map of a bright patch is confidently "organ"
+    x = torch.zeros(2, 1, 128, 128)
+    x[0, 0, 20:28, 70:78] = 1.0  # a small organ: 4 of the map's 1024 locations
+    x[1, 0, 16:112, 16:112] = 1.0  # a large one
+    mean_logits, mean_cams = CamPrompter(model).compute(x)
+    model.pool_sharpness = 4.0
+    lse_logits, lse_cams = CamPrompter(model).compute(x)
+    with torch.no_grad():
+        z = model.logit_map(x)
+    assert torch.all(lse_logits >= z.mean(dim=(1, 2))) and torch.all(lse_logits <= z.amax(dim=(1, 2)))
+    assert float(mean_logits[0]) < 0.1 and float(lse_logits[0]) > 6.0  # averaged away / kept
+    assert float(lse_logits[1]) > 7.0
+    assert torch.allclose(lse_cams, mean_cams, atol=1e-5)  # the pooling's weights sum to 1: the same GradCAM
+    # so the inference engines' closed-form CAM (no backward pass) holds for it too
+    net = closed_form_cam(SimpleNamespace(classifier=model, prompter=CamPrompter(model), device=torch.device("cpu")))
+    with torch.no_grad():
+        logits, cams = net(x)
+    assert torch.allclose(logits, lse_logits, atol=1e-4) and torch.allclose(cams, lse_cams, atol=1e-4)
+    assert build_classifier(ModelConfig(classifier="resnet38", cls_pool_sharpness=2.0)).pool_sharpness == 2.0
+
+
 def test_cam_layer_must_exist():
     with pytest.raises(SammixError) as e:
         CamPrompter(brightness_classifier(), layer="backbone.nope")
     assert "backbone.nope" in one_line(e)
+
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 with the same stages as the SamMix (classify + CAM, encode, decode) and less work:
 
 * the GradCAM comes in closed form, without a backward pass (`graphs.closed_form_cam`), wherever
-  the classifier's logit is a spatial mean of a linear map of the CAM layer (both built-in
+  the classifier's logit pools a linear map of the CAM layer (both built-in
   classifiers; checked against autograd when the engine is made, autograd otherwise);
 * the image encoder is a private copy with the LoRA matrices merged into its weights and every
   Conv2d + BatchNorm2d pair folded into one convolution (exact up to float rounding), in

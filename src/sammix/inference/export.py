@@ -4,8 +4,8 @@ encoder + mask decoder. Each graph is checked against PyTorch (max abs differenc
 Files in the output folder:
 
 * ``classifier.onnx``: slices (B,1,S,S) in [0,1] -> logits (B,), cams (B,S,S) in [0,1]. The CAM
-  is the classifier's GradCAM; its logit is the spatial mean of a linear map of the CAM layer, so
-  the gradient is the same everywhere and for every input, and the CAM is written in closed form
+  is the classifier's GradCAM; its logit pools a linear map of the CAM layer (mean or
+  log-mean-exp), so GradCAM's weights are the same for every input, and the CAM is written in closed form
   (`graphs.linear_cam_weights`, `graphs.ClassifierWithCam`): no backward pass.
 * ``encoder.onnx``: one slice (1,1,S,S) in [0,1] -> embeddings (1,256,64,64).
 * ``encoder-int8.onnx``: the same with its weight MatMuls in int8 (`quantize_encoder`), for

@@ -33,21 +33,19 @@ def _layer_grad(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_cam_weights(model) -> torch.Tensor | None:
-    """Per-channel weights w (C,) when the logit is the spatial mean of a linear 1x1 map of the
-    CAM layer's output A (logit = mean_ij sum_c w_c A_cij + b, e.g. a 1x1-conv logit map or a
-    linear head on global average pooling). Then d logit / dA_cij = w_c / (h w) for every input,
-    GradCAM's weights are w / (h w) and the CAM is relu(sum_c w_c A_c) / (h w): no backward pass
-    needed. None when the gradient is not spatially constant and input-independent."""
+    """Per-channel weights w (C,) when the logit pools a linear 1x1 map of the CAM layer's output A
+    (z_ij = sum_c w_c A_cij + b) with pooling weights that sum to 1: its mean (a 1x1-conv logit
+    map, or a linear head on global average pooling) or its log-mean-exp. GradCAM's weights, the
+    spatial mean of d logit / dA_c, are then w_c / (h w) for every input, and the CAM is
+    relu(sum_c w_c A_c) / (h w): no backward pass needed. None when they depend on the input."""
     grads = []
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         grads.append(_layer_grad(model, torch.rand(2, 1, 64, 64, generator=gen).to(model.device)))
-    grad = torch.cat(grads)
-    h, w = grad.shape[-2:]
-    weights = grad[0].sum(dim=(1, 2))  # w_c: each location holds w_c / (h w)
-    expected = (weights / (h * w)).view(1, -1, 1, 1).expand_as(grad)
-    scale = float(expected.abs().max()) or 1.0
-    if not torch.allclose(grad, expected, rtol=1e-4, atol=1e-5 * scale):
+    sums = torch.cat(grads).sum(dim=(2, 3))  # (B, C): w_c for every input
+    weights = sums[0]
+    scale = float(weights.abs().max()) or 1.0
+    if not torch.allclose(sums, weights.expand_as(sums), rtol=1e-4, atol=1e-5 * scale):
         return None
     return weights.detach().float()
 

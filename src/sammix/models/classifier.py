@@ -14,6 +14,7 @@ Backbones:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -29,15 +30,21 @@ CAM_LAYER = "head.2"  # the head's ReLU6: GradCAM there equals the CAM of the lo
 
 
 class SliceClassifier(nn.Module):
-    """backbone -> 1x1 conv head -> per-location logit map z -> mean: one "organ present" logit.
+    """backbone -> 1x1 conv head -> per-location logit map z -> pooled: one "organ present" logit.
 
     Averaging a 1x1-conv logit map is global average pooling followed by a linear layer, so z is
     the class activation map itself. Being explicit lets training supervise z directly where a
-    mask is known (the CAM-alignment loss), which is what makes the CAM find the organ."""
+    mask is known (the CAM-alignment loss), which is what makes the CAM find the organ.
+
+    `pool_sharpness` r > 0 pools z by its log-mean-exp instead of its mean. That follows the
+    map's highest locations, so a slice holding a little of the organ is as surely "present" as
+    one holding much, which agrees with the alignment loss (organ locations high, all others low).
+    Either way the pooling's weights sum to 1, so the GradCAM is still z."""
 
     def __init__(self, name, backbone, channels, mean, std, width=256, dropout=0.2):
         super().__init__()
         self.name = name
+        self.pool_sharpness = 0.0
         self.backbone = backbone
         self.head = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
         self.dropout = nn.Dropout2d(dropout)
@@ -59,8 +66,15 @@ class SliceClassifier(nn.Module):
         """(B, 1, S, S) -> z (B, S/k, S/k): the per-location organ logit (the CAM)."""
         return self.logit_conv(self.dropout(self.head(self.features(x))))[:, 0]
 
+    def pool(self, z: torch.Tensor) -> torch.Tensor:
+        """Logit maps (B, h, w) -> (B,) logits."""
+        if self.pool_sharpness <= 0:
+            return z.mean(dim=(1, 2))
+        r, flat = self.pool_sharpness, z.flatten(1)
+        return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit_map(x).mean(dim=(1, 2))
+        return self.pool(self.logit_map(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +273,7 @@ def build_classifier(cfg: ModelConfig | None = None, pretrained: bool = True) ->
         raise SammixError(f"unknown classifier {cfg.classifier!r}; choose one of {', '.join(CLASSIFIERS)}")
     if cfg.classifier_weights:
         _load_weights(model, Path(cfg.classifier_weights).expanduser())
+    model.pool_sharpness = float(cfg.cls_pool_sharpness)
     return model
 
 
