@@ -55,7 +55,7 @@ class ModelConfig:
     classifier_weights: str | None = None
     cam_layer: str | None = None  # None: the classifier's default layer
     cam_threshold: float = 0.4
-    cls_pool_sharpness: float = 0.0  # 0: the logit map's mean gives the slice logit (the paper); r > 0: its log-mean-exp
+    cls_pool_sharpness: float = 0.0  # 0: the logit map's mean is the slice logit (the paper); r > 0: its log-mean-exp (docs/results.md)
     mask_prompt: str = "none"  # CAM as SAM's dense mask prompt too: soft | blob | none (box only; see docs/results.md)
     cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
