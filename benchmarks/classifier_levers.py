@@ -85,7 +85,7 @@ def _cam_dice(model, s: dict, embeddings: dict) -> tuple[list[float], list[float
     return dice, iou
 
 
-def _calibrate(trainer, model, sets: dict, embeddings: dict) -> dict:
+def _calibrate(model, sets: dict, embeddings: dict) -> dict:
     """The trainer's thresholds: the gate passes every validation organ slice; the CAM threshold
     is the one of `CAM_THRESHOLDS` with the best validation Dice."""
     from sammix.training.train import CAM_THRESHOLDS, gate_threshold
@@ -146,7 +146,7 @@ def run(args) -> None:
                 losses = [trainer.classifier_epoch(bar) for _ in range(t.epochs)]
             model.eval()
             result = {"lever": lever, "seed": seed, "set": LEVERS[lever], "cls_loss": losses,
-                      **_calibrate(trainer, model, sets, embeddings)}
+                      **_calibrate(model, sets, embeddings)}
             for name, s in sets.items():
                 dice, iou = _cam_dice(model, s, embeddings)
                 result[name] = {"slices": s["names"], "cam": dice, "box_iou": iou}
@@ -174,7 +174,7 @@ def _row(r: dict) -> str:
 
 
 def table(out: Path) -> None:
-    for path in sorted(out.glob("*-s*.json"), key=lambda p: (p.stem.rsplit("-s", 1)[0], p.stem)):
+    for path in sorted(out.glob("*-s*.json")):
         print(_row(json.loads(path.read_text())))
 
 
@@ -188,7 +188,6 @@ def main() -> None:
     ap.add_argument("--volumes", type=Path, nargs="*", default=[], help="labelled volumes scored whole")
     ap.add_argument("--table", action="store_true", help="only print what --out holds")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.table:
         table(args.out)
         return
