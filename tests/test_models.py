@@ -180,7 +180,6 @@ def test_cam_layer_must_exist():
     assert "backbone.nope" in one_line(e)
 
 
-
 @pytest.mark.slow
 def test_efficientnet_classifier_shapes_and_cam():
     torch.manual_seed(0)

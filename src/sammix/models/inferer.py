@@ -262,20 +262,20 @@ class SliceInferer:
         for step in (1, -1):
             prev = seed
             for i in range(seed + step, z if step > 0 else -1, step):
-                box = mask_to_box(logits[prev] > 0)
+                near = logits[prev] > 0
+                box = mask_to_box(near)
                 if box is None:
                     break
                 grown = expand_box(box, PROPAGATE_GROW, self.size, pixels=2.0)
                 if present[i]:
                     cam_box = self.prompter.prompts(cams[i:i + 1])[0][0].numpy()
                     (mine, score), (cam_mask, cam_score) = sam(i, [grown, cam_box])
-                    near = logits[prev] > 0
                     if dice_score(cam_mask > 0, near) > dice_score(mine > 0, near):
                         mine, score, grown = cam_mask, cam_score, cam_box
                 else:
                     ((mine, score),) = sam(i, [grown])
                 area = int((mine > 0).sum())
-                grew = probs[i] < PROPAGATE_END_PROB * probs[seed] and area > PROPAGATE_END_GROWTH * int((logits[prev] > 0).sum())
+                grew = probs[i] < PROPAGATE_END_PROB * probs[seed] and area > PROPAGATE_END_GROWTH * int(near.sum())
                 if area < min_area or score < PROPAGATE_END_SCORE or (not present[i] and score < PROPAGATE_MIN_SCORE) or grew:
                     break
                 logits[i], boxes[i] = mine, torch.from_numpy(grown)
