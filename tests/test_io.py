@@ -242,11 +242,16 @@ def test_nrrd_space_directions_become_a_ras_affine(tmp_path):
     assert vol.has_spacing and vol.axial_spacing() == pytest.approx((3.0, 2.0, 1.5))
 
 
-def test_identity_affine_means_no_spacing(tmp_path):
+def test_identity_affine_means_no_spacing_and_warns_that_the_orientation_is_unknown(tmp_path, capsys):
     hu, _, _ = synthetic_ct(shape=(8, 8, 4))
-    vol = read_volume(_save(tmp_path / "x.nii", hu.astype(np.int16)))
+    path = _save(tmp_path / "x.nii", hu.astype(np.int16))
+    vol = read_volume(path)
     assert not vol.has_spacing and vol.axial_spacing() is None
     assert vol.axial().shape == (4, 8, 8)
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and str(path) in warning and "identity affine" in warning
+    read_volume(path)
+    assert capsys.readouterr().err == ""  # once per file
 
 
 def test_read_image2d_converts_rgb_and_keeps_16_bit(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -96,6 +97,9 @@ class Volume:
         return {int(world): stored for stored, (world, _) in enumerate(self._ornt)}
 
 
+_NO_GEOMETRY_WARNED: set[Path] = set()  # each file is warned about once per process
+
+
 def _checked_volume(data: np.ndarray, affine: np.ndarray, path: Path, has_spacing: bool) -> Volume:
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1) is still a 3D volume
         data = data[..., 0]
@@ -110,6 +114,11 @@ def _checked_volume(data: np.ndarray, affine: np.ndarray, path: Path, has_spacin
         raise InputError(path, "invalid voxel-to-world affine (singular or not finite)")
     if np.allclose(affine, np.eye(4)):
         has_spacing = False  # an identity affine means "no geometry" (e.g. resampled crops), not 1 mm
+        if path not in _NO_GEOMETRY_WARNED:
+            _NO_GEOMETRY_WARNED.add(path)
+            print(f"warning: {path}: no geometry in the header (identity affine); read as stored (RAS, no "
+                  "spacing). If the preview shows the scan turned or mirrored, write its true orientation "
+                  "into the header: the classifier knows only upright anatomy", file=sys.stderr)
     # no reordering copy (NIfTI arrays come in Fortran order): axial() makes its own contiguous copy
     return Volume(np.asarray(data, dtype=np.float32), affine, path, has_spacing)
 
