@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/classifier_levers.py --run RUN --out DIR --cache CACHE [--levers a,b] [--seeds 0,1,2] \
         [--volumes ../shared/data/lits-117 ../shared/data/totalseg-example]
-    .venv/bin/python benchmarks/classifier_levers.py --run RUN --out DIR --cache CACHE --table
+    .venv/bin/python benchmarks/classifier_levers.py --out DIR --table
 
 The companion of `finetune_levers.py`, which fixes the classifier and varies SAM: here SAM is
 fixed and the classifier varies. For each (lever, seed), the classifier alone is trained from its
@@ -180,9 +180,9 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="trained SAM-Mix run: its config, data and split")
+    ap.add_argument("--run", type=Path, help="trained SAM-Mix run: its config, data and split")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--cache", type=Path, required=True, help="finetune_levers.py's cache (embeddings), shared")
+    ap.add_argument("--cache", type=Path, help="finetune_levers.py's cache (embeddings), shared")
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--volumes", type=Path, nargs="*", default=[], help="labelled volumes scored whole")
@@ -191,6 +191,8 @@ def main() -> None:
     if args.table:
         table(args.out)
         return
+    if args.run is None or args.cache is None:
+        ap.error("--run and --cache are needed, except with --table")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
     run(args)

@@ -1,7 +1,7 @@
 """Which fine-tuning settings make SAM's own masks better (issue 11, item 2), seed by seed.
 
     .venv/bin/python benchmarks/finetune_levers.py --run RUN --out DIR [--levers a,b] [--seeds 0,1,2]
-    .venv/bin/python benchmarks/finetune_levers.py --run RUN --out DIR --table
+    .venv/bin/python benchmarks/finetune_levers.py --out DIR --table
 
 On this CPU the image encoder costs 1.7 s a slice, so a study of many settings x 3 seeds with the
 full trainer is out of reach. This is its proxy: SAM's decoder alone is fine-tuned (`lora_rank`
@@ -346,7 +346,7 @@ def table(out: Path, cache: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="trained SAM-Mix run: its classifier, data and split")
+    ap.add_argument("--run", type=Path, help="trained SAM-Mix run: its classifier, data and split")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {', '.join(LEVERS)}")
     ap.add_argument("--seeds", default="0,1,2")
@@ -357,6 +357,8 @@ def main() -> None:
                     help="volume datasets (e.g. ../shared/data/lits-117) also scored slice by slice and with volume context")
     ap.add_argument("--table", action="store_true", help="only print the comparison of what --out holds")
     args = ap.parse_args()
+    if not args.table and args.run is None:
+        ap.error("--run is needed, except with --table")
     unknown = [lv for lv in args.levers.split(",") if lv not in LEVERS]
     if unknown:
         sys.exit(f"--levers: unknown {', '.join(unknown)}; known: {', '.join(LEVERS)}")

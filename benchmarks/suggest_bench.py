@@ -133,12 +133,14 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="trained SAM-Mix run: its classifier, data and split")
-    ap.add_argument("--cache", type=Path, required=True, help="finetune_levers.py's embeddings folder")
+    ap.add_argument("--run", type=Path, help="trained SAM-Mix run: its classifier, data and split")
+    ap.add_argument("--cache", type=Path, help="finetune_levers.py's embeddings folder")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--table", action="store_true", help="only print the comparison of what --out holds")
     args = ap.parse_args()
+    if not args.table and (args.run is None or args.cache is None):
+        ap.error("--run and --cache are needed, except with --table")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table:
         run(args)
