@@ -56,7 +56,7 @@ def _fixed_decoder(run: Path, base, cache: Path) -> dict:
             trainer = Trainer(cfg, Path(scaffold))
         model = trainer.model.eval()
         model.classifier.load_state_dict(SamMix.load(run, device="cpu").classifier.state_dict())
-        copies = fl._train_copies(trainer, model, SAM_SEED, cfg.train.intensity_augment, cache)
+        copies = fl._train_copies(trainer, model, SAM_SEED, cfg.train, cache)
         torch.manual_seed(SAM_SEED)
         fl._finetune(model, copies, cfg.train, SAM_SEED)
         return {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}

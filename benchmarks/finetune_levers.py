@@ -6,7 +6,7 @@
 On this CPU the image encoder costs 1.7 s a slice, so a study of many settings x 3 seeds with the
 full trainer is out of reach. This is its proxy: SAM's decoder alone is fine-tuned (`lora_rank`
 0) on image embeddings computed once, by the frozen pretrained encoder, for 3 augmented copies
-(`random_affine`, `random_intensity`) of each of the k labelled slices a seed draws. Prompts,
+(`random_affine`, `random_intensity`, `random_resolution`) of each of the k labelled slices a seed draws. Prompts,
 loss and the choice of mask are the trainer's own (`jittered_truth_boxes`, `SamLoss`); the
 classifier is RUN's trained one, fixed, so only SAM's settings differ between levers.
 
@@ -46,6 +46,10 @@ LEVERS = {  # name -> --set overrides of the run's config (whose other settings 
     "camgood_truebox50": ["train.cam_box_min_iou=0.3", "train.gt_box_jitter=0.5"],
     "camgood_anchor": ["train.cam_box_min_iou=0.3", "train.anchor_weight=0.01"],
     "camgood_closest": ["train.cam_box_min_iou=0.3", "train.mask_choice=closest"],
+    # CAM boxes inside the organ stay even when small (IoU < 0.3): SAM learns to grow them to the organ
+    "caminside": ["train.cam_box_min_iou=0.3", "train.cam_box_min_organ=0.7"],
+    # another scanner: another contrast phase (brightness +-0.2, +-51 HU at the lits window) and 3 mm pixels
+    "camgood_scanner": ["train.cam_box_min_iou=0.3", "train.intensity_augment=2.5", "train.resolution_augment=2.5"],
     "closest": ["train.mask_choice=closest"],
     "anchor": ["train.anchor_weight=0.01"],
     "lr3e-5": ["train.lr_sam=3e-5"],
@@ -156,10 +160,10 @@ def _score_volumes(model, vols: list[dict], embeddings: dict) -> dict:
     return scores
 
 
-def _train_copies(trainer, model, seed: int, intensity: float, out: Path) -> dict:
-    """AUGMENTED_COPIES augmented copies of the seed's k labelled slices (intensity jitter of this
-    strength): masks, CAM boxes and embeddings."""
-    from sammix.training.augment import random_affine, random_intensity
+def _train_copies(trainer, model, seed: int, t, out: Path) -> dict:
+    """AUGMENTED_COPIES augmented copies of the seed's k labelled slices (intensity and resolution
+    jitter of `t`'s strengths): masks, CAM boxes and embeddings."""
+    from sammix.training.augment import random_affine, random_intensity, random_resolution
 
     def make():
         gen = torch.Generator().manual_seed(seed)
@@ -167,13 +171,14 @@ def _train_copies(trainer, model, seed: int, intensity: float, out: Path) -> dic
         x = _images(trainer.data.images[idx])
         m = torch.from_numpy(trainer.data.masks[idx]).float().unsqueeze(1)
         x, m = random_affine(x, m, gen)
-        x = random_intensity(x, gen, intensity)
+        x = random_resolution(random_intensity(x, gen, t.intensity_augment), gen, t.resolution_augment)
         model.classifier.eval()
         boxes = torch.cat([model.cam_prompts(x[i:i + 16])[1] for i in range(0, len(x), 16)])
         return {"masks": m.bool(), "cam_boxes": boxes.detach(), "emb": _encode(model, x, f"encode seed {seed} copies")}
 
     k = len(trainer.labeled)
-    name = f"train_copies_k{k}_s{seed}.pt" if intensity == 1.0 else f"train_copies_k{k}_s{seed}_i{intensity}.pt"
+    name = f"train_copies_k{k}_s{seed}" + (f"_i{t.intensity_augment}" if t.intensity_augment != 1.0 else "") \
+        + (f"_r{t.resolution_augment}" if t.resolution_augment != 1.0 else "") + ".pt"
     return _cached(out / name, make)
 
 
@@ -209,7 +214,7 @@ def _sam_epochs(model, samples: dict, t, epochs: int, per_epoch: int, gen, rng) 
             m = samples["masks"][idx].float()
             boxes = samples["cam_boxes"][idx]
             if t.gt_box_jitter > 0 or t.cam_box_min_iou > 0:
-                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, rng, t.cam_box_min_iou)
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, rng, t.cam_box_min_iou, t.cam_box_min_organ)
             logits, scores = sam.decode(samples["emb"][idx].float(), boxes, None, size=m.shape[-1])
             loss = loss_fn(logits, scores, m)
             opt.zero_grad(set_to_none=True)
@@ -290,14 +295,15 @@ def run(args) -> None:
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
         sets, embeddings = _eval_sets(trainer, model, args.cache)
-        pool = _pool(trainer, model, args.cache)
+        self_training = any(apply_overrides(cfg, LEVERS[lever]).train.self_train_rounds for lever in todo)
+        pool = _pool(trainer, model, args.cache) if self_training else None  # 319 encodings: only when used
         vols, vol_embeddings = _volumes(args.volumes, cfg.prep, model, args.cache) if args.volumes else ([], {})
         pretrained = args.cache / "pretrained.json"
         if not pretrained.exists():
             pretrained.write_text(json.dumps(_score(model, sets, embeddings, with_cam=True)))
         for lever in todo:
             t = apply_overrides(cfg, LEVERS[lever]).train
-            copies = _train_copies(trainer, model, seed, t.intensity_augment, args.cache)
+            copies = _train_copies(trainer, model, seed, t, args.cache)
             with torch.no_grad():
                 for n, p in model.sam.named_parameters():
                     if n in start:

@@ -12,7 +12,7 @@ import torch
 from sammix.config import TrainConfig
 from sammix.errors import SammixError
 from sammix.masks import box_iou, mask_to_box
-from sammix.training.augment import random_intensity
+from sammix.training.augment import random_intensity, random_resolution
 from sammix.training.train import SamLoss, jittered_truth_boxes
 
 S = 32
@@ -77,9 +77,33 @@ def test_cam_boxes_off_the_organ_become_true_boxes_and_good_ones_stay():
     assert torch.equal(unchanged, boxes)
 
 
+def test_a_small_cam_box_inside_the_organ_stays_when_min_organ_allows_it():
+    m = torch.cat([_organ(), _organ(), _organ()])
+    truth = mask_to_box(m[0, 0].numpy() > 0)
+    inside = [12.0, 10.0, 16.0, 14.0]  # a quarter of the organ's side: IoU with its box far below 0.3
+    boxes = torch.tensor([inside, [0.0, 24.0, 8.0, 31.0], [9.0, 7.0, 24.0, 21.0]])  # inside; off; on
+    assert box_iou(boxes[0].numpy(), truth) < 0.3
+    out = jittered_truth_boxes(boxes, m, share=0.0, rng=np.random.default_rng(0), min_iou=0.3, min_organ=0.7)
+    assert torch.equal(out[0], boxes[0]) and torch.equal(out[2], boxes[2])
+    assert box_iou(out[1].numpy(), truth) > 0.5
+    iou_only = jittered_truth_boxes(boxes, m, share=0.0, rng=np.random.default_rng(0), min_iou=0.3)
+    assert box_iou(iou_only[0].numpy(), truth) > 0.5  # without min_organ the small box is replaced
+
+
 def test_intensity_jitter_scales_with_its_strength():
     x = torch.rand(8, 1, S, S)
     assert torch.equal(random_intensity(x, torch.Generator().manual_seed(0), 0.0), x)
     mild = (random_intensity(x, torch.Generator().manual_seed(0), 1.0) - x).abs().mean()
     strong = (random_intensity(x, torch.Generator().manual_seed(0), 2.5) - x).abs().mean()
     assert 0 < mild < strong
+
+
+def test_resolution_jitter_blurs_by_up_to_its_factor_and_is_off_at_one():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.arange(64.0).view(1, 1, 1, 64).expand(4, 1, 64, 64) % 2)  # the finest stripes there are
+    assert torch.equal(random_resolution(x, gen, 1.0), x)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    coarse = random_resolution(x, gen, 3.0)
+    assert coarse.shape == x.shape
+    assert torch.allclose(coarse.mean(), x.mean(), atol=0.05)  # the same image, its detail gone
+    assert (coarse[..., 1:] - coarse[..., :-1]).abs().mean() < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()

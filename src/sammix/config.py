@@ -87,10 +87,12 @@ class TrainConfig:
     # SAM is never taught to find the organ from a box on another one: CAM boxes overlapping the true box
     # less than this become jittered true boxes (0: CAM boxes only, as in the paper; docs/results.md)
     cam_box_min_iou: float = 0.3
+    cam_box_min_organ: float = 0.0  # > 0: a CAM box at least this share organ stays too (a small box inside the organ)
     seg_loss: str = "dice_ce"  # SAM's mask loss: dice_ce | dice_focal
     mask_choice: str = "scored"  # which of SAM's 3 masks is trained: scored (ranked first) | closest (to the truth)
     anchor_weight: float = 0.0  # L2 pull of SAM's decoder towards its pretrained weights (L2-SP)
     intensity_augment: float = 1.0  # strength of the contrast / brightness / gamma jitter (0: none)
+    resolution_augment: float = 1.0  # slices seen up to this factor coarser, as thick-pixel scans look (1: none)
     # self-training (training/pseudo.py): after the supervised epochs, each round labels the training
     # slices without a mask and --unlabeled-data, keeps the answers the checks vouch for, and trains
     # SAM on them and the labelled slices for self_train_epochs more epochs

@@ -37,3 +37,19 @@ def random_intensity(x: torch.Tensor, generator: torch.Generator, strength: floa
     br = (r[:, 1] * 0.08).view(b, 1, 1, 1)
     g = torch.exp(r[:, 2] * 0.2).view(b, 1, 1, 1)
     return ((x.clamp(0, 1) ** g) * c + br).clamp(0, 1)
+
+
+def random_resolution(x: torch.Tensor, generator: torch.Generator, max_factor: float = 1.0) -> torch.Tensor:
+    """Each image (B,1,S,S) as a coarser scan shows it once resized to S (3 mm pixels against LiTS's
+    1.5 at 256): downsampled by a factor drawn in [1, max_factor] and back, bilinear. 1: none (and
+    no random numbers drawn, so runs without it are unchanged)."""
+    if max_factor <= 1.0:
+        return x
+    s = x.shape[-1]
+    factors = 1 + torch.rand(x.shape[0], generator=generator) * (max_factor - 1)
+    out = torch.empty_like(x)
+    for i, f in enumerate(factors.tolist()):
+        side = max(8, round(s / f))
+        small = F.interpolate(x[i:i + 1], size=(side, side), mode="area")
+        out[i:i + 1] = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
+    return out

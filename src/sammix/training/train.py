@@ -27,7 +27,7 @@ from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.runfolder import RunFolder
 from sammix.training import distributed
-from sammix.training.augment import random_affine, random_intensity
+from sammix.training.augment import random_affine, random_intensity, random_resolution
 from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
 from sammix.training.pseudo import pseudo_label
@@ -55,18 +55,28 @@ def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1).to(device)
 
 
+def organ_share(box: np.ndarray, mask: np.ndarray) -> float:
+    """The share of an xyxy box's pixels that are organ in `mask` (H,W) bool."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return float(mask[y1:y2 + 1, x1:x2 + 1].mean()) if x2 >= x1 and y2 >= y1 else 0.0
+
+
 def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
-                         rng: np.random.Generator, min_iou: float = 0.0) -> torch.Tensor:
+                         rng: np.random.Generator, min_iou: float = 0.0, min_organ: float = 0.0) -> torch.Tensor:
     """Replace about `share` of the boxes (B,4), and every box that overlaps the ground-truth box of
-    `masks` (B,1,S,S) with IoU below `min_iou`, by that ground-truth box with each side moved by
-    -10% to +30% of the box's size (mostly looser, as CAM boxes are)."""
+    `masks` (B,1,S,S) with IoU below `min_iou` unless at least `min_organ` (> 0) of it is organ (a
+    small box inside the organ), by that ground-truth box with each side moved by -10% to +30% of
+    the box's size (mostly looser, as CAM boxes are)."""
     boxes, s = boxes.clone(), masks.shape[-1]
     for j in range(len(boxes)):
-        truth = mask_to_box(masks[j, 0].cpu().numpy() > 0.5)
+        organ = masks[j, 0].cpu().numpy() > 0.5
+        truth = mask_to_box(organ)
         if truth is None:
             continue
         drawn = share > 0 and rng.random() < share
-        if not drawn and box_iou(boxes[j].cpu().numpy(), truth) >= min_iou:
+        box = boxes[j].cpu().numpy()
+        on_organ = box_iou(box, truth) >= min_iou or (min_organ > 0 and organ_share(box, organ) >= min_organ)
+        if not drawn and on_organ:
             continue
         size = np.array([truth[2] - truth[0] + 1, truth[3] - truth[1] + 1] * 2)
         moved = truth + np.array([-1, -1, 1, 1]) * rng.uniform(-0.1, 0.3, 4) * size
@@ -304,6 +314,7 @@ class Trainer(EpochTrainer):
             y = torch.tensor([s[2] for s in samples], device=self.device)
             x, m = random_affine(x, m, self.gen)
             x = random_intensity(x, self.gen, t.intensity_augment)
+            x = random_resolution(x, self.gen, t.resolution_augment)
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
@@ -331,13 +342,14 @@ class Trainer(EpochTrainer):
             m = torch.from_numpy(self.sam_masks[idx]).float().unsqueeze(1).to(self.device)
             x, m = random_affine(x, m, self.gen)
             x = random_intensity(x, self.gen, t.intensity_augment)
+            x = random_resolution(x, self.gen, t.resolution_augment)
             # the classifier prompts SAM as it will at inference: in eval mode (its BatchNorm statistics
             # are neither taken from nor moved by these 4-slice batches)
             self.model.classifier.eval()
             _, boxes, mask_prompts = self.model.cam_prompts(x)
             min_iou = t.cam_box_min_iou if self.cfg.model.prompt == "cam" else 0.0  # SAM-PP keeps its whole-image box
             if t.gt_box_jitter > 0 or min_iou > 0:
-                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng, min_iou)
+                boxes = jittered_truth_boxes(boxes, m, t.gt_box_jitter, self.rng, min_iou, t.cam_box_min_organ)
             x, m, boxes = (distributed.share(v, self.rank, self.world) for v in (x, m, boxes))
             if mask_prompts is not None:
                 mask_prompts = distributed.share(mask_prompts, self.rank, self.world)
