@@ -50,6 +50,7 @@ LEVERS = {  # name -> --set overrides of the run's config (whose other settings 
     "caminside": ["train.cam_box_min_iou=0.3", "train.cam_box_min_organ=0.7"],
     # another scanner: another contrast phase (brightness +-0.2, +-51 HU at the lits window) and 3 mm pixels
     "camgood_scanner": ["train.cam_box_min_iou=0.3", "train.intensity_augment=2.5", "train.resolution_augment=2.5"],
+    "camgood_steps128": ["train.cam_box_min_iou=0.3", "train.sam_samples_per_epoch=128"],
     "closest": ["train.mask_choice=closest"],
     "anchor": ["train.anchor_weight=0.01"],
     "lr3e-5": ["train.lr_sam=3e-5"],

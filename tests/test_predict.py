@@ -211,6 +211,26 @@ def test_clean_mask_keeps_the_largest_component_and_fills_holes():
     assert clean[1:5, 2:12, 2:12].all() and clean.sum() == 4 * 100
 
 
+def test_evaluate_cleans_volumes_in_3d_and_slice_images_one_by_one():
+    from types import SimpleNamespace
+
+    from sammix.evaluation.evaluate import clean_predictions
+
+    masks = np.zeros((4, 20, 20), bool)
+    masks[:, 2:10, 2:10] = True  # an organ through all four slices
+    masks[1, 4:6, 4:6] = False  # a hole
+    masks[2, 11:20, 12:20] = True  # another blob, larger than the organ on its slice, on that slice only
+    idx = np.arange(4)
+    volume = SimpleNamespace(case=np.array(["v"] * 4), slice_index=idx, depth=np.full(4, 40))
+    clean = clean_predictions(volume, idx, masks)
+    assert clean[1, 4:6, 4:6].all() and not clean[2, 11:20, 12:20].any()  # 3D: the blob is a stray component
+    images = SimpleNamespace(case=np.array(["a"] * 4), slice_index=idx, depth=np.zeros(4, int))
+    alone = clean_predictions(images, idx, masks)
+    assert alone[1, 4:6, 4:6].all()
+    assert alone[2, 11:20, 12:20].all() and not alone[2, 2:10, 2:10].any()  # 2D: the larger blob wins
+    assert masks[1, 4, 4] == False  # noqa: E712 (the input is not changed)
+
+
 # --- files: the input's grid and world position ------------------------------------------------
 
 
@@ -384,7 +404,7 @@ def gate_open_run(run, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_evaluate_scores_the_masks_that_predict_writes(shared_data, gate_open_run, tmp_path, precision):
     """One inference path: `evaluate`'s per-slice Dice on real slices equals the Dice of the masks
-    `predict` writes for the same images, through ONNX Runtime fp32 (exact up to float rounding)
+    `predict` writes for the same images (clean-up included), through ONNX Runtime fp32 (exact up to float rounding)
     and int8 (not exact: the difference is measured and bounded, not hidden)."""
     from sammix.evaluation.evaluate import evaluate_run
     from sammix.masks import dice_score
@@ -397,7 +417,7 @@ def test_evaluate_scores_the_masks_that_predict_writes(shared_data, gate_open_ru
             shutil.copy(shared_data / "lits-slices" / sub / name, data / sub / name)
     metrics = evaluate_run(gate_open_run, data, tmp_path / "m.json", device="cpu", cache_dir=tmp_path / "cache")
     assert main(["predict", "--run", str(gate_open_run), str(data / "images"), "-o", str(tmp_path / "out"),
-                 "--no-cleanup", "--precision", precision]) == 0
+                 "--precision", precision]) == 0  # both clean their masks up, the same way
     scored = {f"{row['case']}_{row['slice']:03d}.png": row["dice"] for row in metrics["per_slice"]}
     written = {name: dice_score(np.asarray(Image.open(tmp_path / "out" / name)),
                                 np.asarray(Image.open(data / "masks" / name))) for name in names}

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnose", action="store_true",
                    help="also score the true box (fine-tuned and pretrained) and name the cause of every "
                         "slice below Dice 0.5, with a figure of them beside METRICS.json")
+    p.add_argument("--no-cleanup", action="store_true",
+                   help="score the masks as SAM gives them, without predict's clean-up (largest component, holes filled)")
 
     p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
     p.add_argument("inputs", type=Path, nargs="*",
@@ -229,7 +231,8 @@ def run(args) -> int:
         from sammix.evaluation.evaluate import evaluate_run
 
         metrics = evaluate_run(args.run, args.data, args.out, window=args.window, split=args.split,
-                               device=args.device, diagnose=args.diagnose, overrides=args.overrides)
+                               device=args.device, diagnose=args.diagnose, overrides=args.overrides,
+                               cleanup=not args.no_cleanup)
         print(f"{metrics['n_slices']} slices: Dice {metrics['dice_mean']:.3f} +- {metrics['dice_std']:.3f}, "
               f"HD95 {metrics['hd95_mean']:.1f} px -> {args.out}")
         if args.diagnose:

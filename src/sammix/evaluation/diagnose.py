@@ -17,19 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sammix.inference.geometry import clean_mask
 from sammix.masks import box_iou, dice_score, mask_to_box
 
 FAIL_DICE = 0.5
 WRONG_BOX_IOU = 0.3
 
 
-def _true_box_masks(model, images: np.ndarray, gts: np.ndarray, batch_size: int = 8) -> np.ndarray:
+def _true_box_masks(model, images: np.ndarray, gts: np.ndarray, cleanup: bool, batch_size: int = 8) -> np.ndarray:
     boxes = torch.from_numpy(np.stack([mask_to_box(g) for g in gts]))
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
         out.append(model.predict_slices(x, boxes=boxes[start:start + batch_size])["masks"].numpy())
-    return np.concatenate(out)
+    masks = np.concatenate(out)
+    return np.stack([clean_mask(m) for m in masks]) if cleanup else masks
 
 
 def failure_cause(present: bool, box, gt: np.ndarray, pred: np.ndarray) -> str:
@@ -41,11 +43,13 @@ def failure_cause(present: bool, box, gt: np.ndarray, pred: np.ndarray) -> str:
     return "mask leak" if pred.sum() > gt.sum() else "mask shrink"
 
 
-def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = None, pretrained=None) -> dict:
+def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = None, pretrained=None,
+             cleanup: bool = False) -> dict:
     """The diagnosis of predictions `pred` (masks, present, boxes per index of `idx`, as
     `evaluate.predict_all` gives them) of `model` (a SamMix) on `slices`. `pretrained`: the
     backbone before fine-tuning (default: a new SamMix of the same config, whose LoRA is zero
-    and whose decoder is the pretrained one)."""
+    and whose decoder is the pretrained one). `cleanup`: the true-box masks are cleaned up slice
+    by slice (`geometry.clean_mask`), as `pred`'s were."""
     rows = np.flatnonzero(slices.has_mask[idx] & slices.labels[idx].astype(bool))
     if not len(rows):
         return {"n_slices": 0}
@@ -54,8 +58,8 @@ def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = N
         from sammix.models.sammix import SamMix
 
         pretrained = SamMix(model.cfg, model.prep).to(model.device).eval()
-    tuned_box = _true_box_masks(model, images, gts)
-    backbone_box = _true_box_masks(pretrained, images, gts)
+    tuned_box = _true_box_masks(model, images, gts, cleanup)
+    backbone_box = _true_box_masks(pretrained, images, gts, cleanup)
     per_slice, failures = [], []
     for j, r in enumerate(rows):
         gt, mask = gts[j], pred["masks"][r]

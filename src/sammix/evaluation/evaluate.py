@@ -3,7 +3,8 @@
 Per-slice Dice / Hausdorff / HD95 / normalised surface Dice over organ-present slices (as the
 paper reports them), at the model's resolution in pixels and in mm where spacing is known;
 classifier accuracy over every slice; CAM-box IoU with the ground-truth box; and a 3D Dice per
-case when the data are volumes."""
+case when the data are volumes. The masks scored are those `predict` writes: cleaned up as it cleans
+them (`clean_predictions`) unless `cleanup` is off."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sammix.config import INFERENCE_SETTINGS, RUN_WINDOW, with_inference_overrid
 from sammix.data.io import write_json
 from sammix.errors import InputError
 from sammix.evaluation.metrics import slice_metrics, summarize, volume_dice
+from sammix.inference.geometry import clean_mask
 from sammix.masks import box_iou, mask_to_box
 from sammix.models.inferer import SliceInferer
 from sammix.models.sammix import SamMix
@@ -84,6 +86,21 @@ def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
     return runs
 
 
+def clean_predictions(slices, idx: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """`predict`'s clean-up of masks (per index of `idx`): each run of adjacent slices of a volume
+    in 3D, as `predict_volume` cleans a volume; each 2D slice on its own, as `predict_image` does."""
+    masks = masks.copy()
+    where = {int(i): j for j, i in enumerate(idx)}
+    for run in adjacent_runs(slices, idx):
+        pos = [where[int(i)] for i in run]
+        if slices.depth[run[0]] > 0:
+            masks[pos] = clean_mask(masks[pos])
+        else:
+            for p in pos:
+                masks[p] = clean_mask(masks[p])
+    return masks
+
+
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
     """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
     masks, probs, present, cams, boxes, scores. With volume context (`ModelConfig.propagate`), each
@@ -112,10 +129,10 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
 
 def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str = "all",
                  device: str = "auto", cache_dir: Path | None = None, diagnose: bool = False,
-                 overrides=()) -> dict:
+                 overrides=(), cleanup: bool = True) -> dict:
     """Score `run` on `data` into METRICS.json `out`; with `diagnose`, add where the Dice goes
     (`evaluation.diagnose`) and a figure of the failed slices beside `out`; `overrides`: inference
-    settings (`config.with_inference_overrides`)."""
+    settings (`config.with_inference_overrides`); `cleanup`: `predict`'s clean-up of the masks."""
     run, out = Path(run), Path(out)
     model = SamMix.load(run, device=device)
     model.cfg = with_inference_overrides(model.cfg, list(overrides))
@@ -124,6 +141,8 @@ def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str
     idx = select_split(slices.case, run, split)
     start = time.time()
     pred = predict_all(model, slices, idx)
+    if cleanup:
+        pred["masks"] = clean_predictions(slices, idx, pred["masks"])
     seconds = time.time() - start
     metrics = score_predictions(slices, idx, pred)
     case_dice = per_case_dice(slices, idx, pred["masks"])
@@ -134,8 +153,8 @@ def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str
         from sammix.evaluation.diagnose import diagnose as diagnosis
 
         figure = out.with_name(out.name.removesuffix(".json") + "_failures.png")
-        metrics["diagnosis"] = diagnosis(model, slices, idx, pred, figure)
-    metrics.update({"run": str(run), "data": str(data), "split": split, "window": prep.window,
+        metrics["diagnosis"] = diagnosis(model, slices, idx, pred, figure, cleanup=cleanup)
+    metrics.update({"run": str(run), "data": str(data), "split": split, "window": prep.window, "cleanup": cleanup,
                     "inference": {k: getattr(model.cfg, k) for k in INFERENCE_SETTINGS},
                     "n_slices_total": int(len(idx)), "seconds": round(seconds, 1)})
     write_json(metrics, out)  # atomic, and makes the folder
