@@ -201,34 +201,29 @@ def test_logits_are_resized_back_to_the_same_anatomy():
     assert back.shape == native.shape and _dice(back, native) > 0.97
 
 
-def test_clean_mask_keeps_the_largest_component_and_fills_holes():
+def test_clean_mask_fills_holes_and_keeps_every_component():
     mask = np.zeros((6, 20, 20), bool)
     mask[1:5, 2:12, 2:12] = True
     mask[2:4, 5:8, 5:8] = False  # a hole inside
-    mask[1, 16:18, 16:18] = True  # a speck
+    mask[1, 16:18, 16:18] = True  # a separate piece
     clean = clean_mask(mask)
-    assert clean[2:4, 5:8, 5:8].all() and not clean[1, 16:18, 16:18].any()
-    assert clean[1:5, 2:12, 2:12].all() and clean.sum() == 4 * 100
+    assert clean[1:5, 2:12, 2:12].all() and clean[1, 16:18, 16:18].all() and clean.sum() == 4 * 100 + 4
+    assert (clean_mask(mask[2]) == clean[2]).all()  # a single slice: the same
 
 
-def test_evaluate_cleans_volumes_in_3d_and_slice_images_one_by_one():
+def test_evaluate_cleans_volumes_and_slice_images_as_predict_does():
     from types import SimpleNamespace
 
     from sammix.evaluation.evaluate import clean_predictions
 
     masks = np.zeros((4, 20, 20), bool)
-    masks[:, 2:10, 2:10] = True  # an organ through all four slices
+    masks[:, 2:10, 2:10] = True
     masks[1, 4:6, 4:6] = False  # a hole
-    masks[2, 11:20, 12:20] = True  # another blob, larger than the organ on its slice, on that slice only
     idx = np.arange(4)
-    volume = SimpleNamespace(case=np.array(["v"] * 4), slice_index=idx, depth=np.full(4, 40))
-    clean = clean_predictions(volume, idx, masks)
-    assert clean[1, 4:6, 4:6].all() and not clean[2, 11:20, 12:20].any()  # 3D: the blob is a stray component
-    images = SimpleNamespace(case=np.array(["a"] * 4), slice_index=idx, depth=np.zeros(4, int))
-    alone = clean_predictions(images, idx, masks)
-    assert alone[1, 4:6, 4:6].all()
-    assert alone[2, 11:20, 12:20].all() and not alone[2, 2:10, 2:10].any()  # 2D: the larger blob wins
-    assert masks[1, 4, 4] == False  # noqa: E712 (the input is not changed)
+    for depth in (40, 0):  # a volume's slices; slice images
+        slices = SimpleNamespace(case=np.array(["v"] * 4), slice_index=idx, depth=np.full(4, depth))
+        assert clean_predictions(slices, idx, masks)[1, 4:6, 4:6].all()
+    assert not masks[1, 4, 4]  # the input is not changed
 
 
 # --- files: the input's grid and world position ------------------------------------------------

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the true box (fine-tuned and pretrained) and name the cause of every "
                         "slice below Dice 0.5, with a figure of them beside METRICS.json")
     p.add_argument("--no-cleanup", action="store_true",
-                   help="score the masks as SAM gives them, without predict's clean-up (largest component, holes filled)")
+                   help="score the masks as SAM gives them, without predict's clean-up (holes filled)")
 
     p = sub.add_parser("predict", help="segment CT volumes or images with a trained run")
     p.add_argument("inputs", type=Path, nargs="*",
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-parts", type=int, default=1,
                    help="split the inputs into this many parts (e.g. SLURM array tasks)")
     p.add_argument("--part-id", type=int, default=0, help="the part this process does, 0..NUM_PARTS-1")
-    p.add_argument("--no-cleanup", action="store_true", help="skip 3D largest-component and hole filling")
+    p.add_argument("--no-cleanup", action="store_true", help="skip the clean-up (holes inside the organ filled, slice by slice)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--window", type=_window, default=RUN_WINDOW,
                    help="HU window LEVEL,WIDTH; default 'run' (the run's own); 'none': 8-bit as stored")

@@ -32,24 +32,14 @@ def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int]) -> np.ndar
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Largest connected component (26-connected in 3D, 8 in 2D), holes filled per axial slice."""
+    """A mask (H,W) or (Z,H,W) with the holes of each axial slice filled (tumours inside the organ).
+    No component is dropped: keeping only the largest 3D one lost most of LiTS 117's liver, whose
+    slice-by-slice masks are fragmented, and gained 0.003 3D Dice on TotalSegmentator; keeping the
+    largest piece of a slice cut organs that one slice shows in two (docs/results.md)."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]  # work on the mask's bounding box only
-    part = mask[box]
-    labels, n = ndimage.label(part, structure=np.ones((3,) * part.ndim, dtype=bool))
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        part = labels == int(sizes.argmax())
-    if part.ndim == 2:
-        part = ndimage.binary_fill_holes(part)
-    else:
-        part = np.stack([ndimage.binary_fill_holes(s) if s.any() else s for s in part])
-    out = np.zeros_like(mask)
-    out[box] = part
-    return out
+    if mask.ndim == 2:
+        return ndimage.binary_fill_holes(mask)
+    return np.stack([ndimage.binary_fill_holes(s) if s.any() else s for s in mask])
 
 
 def mask_to_stored(volume: io.Volume, mask_axial: np.ndarray, cleanup: bool = True, times: dict | None = None):

@@ -4,7 +4,7 @@ Per input: read it with its geometry -> axial slices in display orientation -> w
 the model's S x S -> classifier gate + GradCAM prompts -> SAM (`models.inferer.SliceInferer` over an
 `engine.Engine`) ->
 best-mask logits resized back to the slice's native size and thresholded -> optional 3D clean-up
-(largest connected component, holes filled slice by slice) -> `Volume.from_axial` back onto the
+(holes filled slice by slice) -> `Volume.from_axial` back onto the
 stored voxel grid -> `<name>.nii.gz` (uint8, the input's shape and affine), `<name>.json` (a record
 of the run) and, with preview, `<name>_preview.png`. 2D images give `<name>.png` (0/255).
 
