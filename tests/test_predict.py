@@ -211,21 +211,6 @@ def test_clean_mask_fills_holes_and_keeps_every_component():
     assert (clean_mask(mask[2]) == clean[2]).all()  # a single slice: the same
 
 
-def test_evaluate_cleans_volumes_and_slice_images_as_predict_does():
-    from types import SimpleNamespace
-
-    from sammix.evaluation.evaluate import clean_predictions
-
-    masks = np.zeros((4, 20, 20), bool)
-    masks[:, 2:10, 2:10] = True
-    masks[1, 4:6, 4:6] = False  # a hole
-    idx = np.arange(4)
-    for depth in (40, 0):  # a volume's slices; slice images
-        slices = SimpleNamespace(case=np.array(["v"] * 4), slice_index=idx, depth=np.full(4, depth))
-        assert clean_predictions(slices, idx, masks)[1, 4:6, 4:6].all()
-    assert not masks[1, 4, 4]  # the input is not changed
-
-
 # --- files: the input's grid and world position ------------------------------------------------
 
 

@@ -4,7 +4,7 @@ Per-slice Dice / Hausdorff / HD95 / normalised surface Dice over organ-present s
 paper reports them), at the model's resolution in pixels and in mm where spacing is known;
 classifier accuracy over every slice; CAM-box IoU with the ground-truth box; and a 3D Dice per
 case when the data are volumes. The masks scored are those `predict` writes: cleaned up as it cleans
-them (`clean_predictions`) unless `cleanup` is off."""
+them (`geometry.clean_mask`) unless `cleanup` is off."""
 
 from __future__ import annotations
 
@@ -86,21 +86,6 @@ def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
     return runs
 
 
-def clean_predictions(slices, idx: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """`predict`'s clean-up of masks (per index of `idx`): each run of adjacent slices of a volume
-    in 3D, as `predict_volume` cleans a volume; each 2D slice on its own, as `predict_image` does."""
-    masks = masks.copy()
-    where = {int(i): j for j, i in enumerate(idx)}
-    for run in adjacent_runs(slices, idx):
-        pos = [where[int(i)] for i in run]
-        if slices.depth[run[0]] > 0:
-            masks[pos] = clean_mask(masks[pos])
-        else:
-            for p in pos:
-                masks[p] = clean_mask(masks[p])
-    return masks
-
-
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
     """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
     masks, probs, present, cams, boxes, scores. With volume context (`ModelConfig.propagate`), each
@@ -142,7 +127,7 @@ def evaluate_run(run: Path, data: Path, out: Path, window=RUN_WINDOW, split: str
     start = time.time()
     pred = predict_all(model, slices, idx)
     if cleanup:
-        pred["masks"] = clean_predictions(slices, idx, pred["masks"])
+        pred["masks"] = clean_mask(pred["masks"])  # predict's clean-up: holes filled, slice by slice
     seconds = time.time() - start
     metrics = score_predictions(slices, idx, pred)
     case_dice = per_case_dice(slices, idx, pred["masks"])
