@@ -10,8 +10,8 @@ A grid of cells (method x k x seed) under one folder:
     OUT/report.md, results.csv, dice_boxplot.png, qualitative.png, cam.png
 
 Every cell trains on the same data with the same case split (TrainConfig.split_seed) and is scored
-by the same metric code (`evaluate.score_predictions`) on the organ-present slices (the paper's
-per-slice scores) of the held-out test cases of the training data ("in-domain") and of each
+by the same metric code (`evaluate.score_predictions`, on the masks cleaned up as `predict` cleans
+them) on the organ-present slices (the paper's per-slice scores) of the held-out test cases of the training data ("in-domain") and of each
 --test-data set ("cross-domain"). Running
 the same command again reuses finished runs and evaluations; a cell that fails is recorded with its
 error and the grid goes on.
@@ -434,12 +434,14 @@ class Grid:
     def evaluate_cell(self, cell: Cell, run: Path, ts: TestSet, model_box: list) -> tuple[dict, bool]:
         """Score one cell on one test set (or reuse the stored scores); returns (result, reused)."""
         from sammix.evaluation.evaluate import score_predictions
+        from sammix.inference.geometry import clean_mask
 
         path = run / "eval" / f"{ts.name}.json"
         key = json.loads(json.dumps({
             "weights": _weights_stamp(run), "data": [str(Path(p).resolve()) for p in ts.paths],
             "prep": dataclasses.asdict(self.spec.prep), "n_slices": len(ts.idx),
             "slices": [f"{ts.slices.case[i]}/{int(ts.slices.slice_index[i])}" for i in ts.idx[ts.qual]],
+            "cleanup": "holes",  # scores stored before the clean-up are redone
         }))
         if path.is_file() and (run / "eval" / f"{ts.name}.npz").is_file():
             saved = json.loads(path.read_text())
@@ -449,6 +451,7 @@ class Grid:
             model_box.append(self.load_model(cell, run))
         start = time.time()
         pred = self.predict(model_box[0], cell, ts)
+        pred["masks"] = clean_mask(pred["masks"])  # what `predict` writes and `evaluate` scores
         metrics = score_predictions(ts.slices, ts.idx, pred)
         seconds = time.time() - start  # prediction and scoring
         per_slice = metrics.pop("per_slice")
@@ -457,7 +460,8 @@ class Grid:
         if cell.method == "sammix":  # where the Dice goes (evaluate --diagnose)
             from sammix.evaluation.diagnose import diagnose
 
-            diagnosis = diagnose(model_box[0], ts.slices, ts.idx, pred, run / "eval" / f"{ts.name}_failures.png")
+            diagnosis = diagnose(model_box[0], ts.slices, ts.idx, pred, run / "eval" / f"{ts.name}_failures.png",
+                                 cleanup=True)
             result["diagnosis"] = {k: v for k, v in diagnosis.items() if k != "per_slice"}
         from sammix.data.io import atomic_path
 
