@@ -6,7 +6,7 @@
 On this CPU the image encoder costs 1.7 s a slice, so a study of many settings x 3 seeds with the
 full trainer is out of reach. This is its proxy: SAM's decoder alone is fine-tuned (`lora_rank`
 0) on image embeddings computed once, by the frozen pretrained encoder, for 3 augmented copies
-(`random_affine`, `random_intensity`, `random_resolution`) of each of the k labelled slices a seed draws. Prompts,
+(`training.augment.augment`) of each of the k labelled slices a seed draws. Prompts,
 loss and the choice of mask are the trainer's own (`jittered_truth_boxes`, `SamLoss`); the
 classifier is RUN's trained one, fixed, so only SAM's settings differ between levers.
 
@@ -164,15 +164,14 @@ def _score_volumes(model, vols: list[dict], embeddings: dict) -> dict:
 def _train_copies(trainer, model, seed: int, t, out: Path) -> dict:
     """AUGMENTED_COPIES augmented copies of the seed's k labelled slices (intensity and resolution
     jitter of `t`'s strengths): masks, CAM boxes and embeddings."""
-    from sammix.training.augment import random_affine, random_intensity, random_resolution
+    from sammix.training.augment import augment
 
     def make():
         gen = torch.Generator().manual_seed(seed)
         idx = np.tile(trainer.labeled, AUGMENTED_COPIES)
         x = _images(trainer.data.images[idx])
         m = torch.from_numpy(trainer.data.masks[idx]).float().unsqueeze(1)
-        x, m = random_affine(x, m, gen)
-        x = random_resolution(random_intensity(x, gen, t.intensity_augment), gen, t.resolution_augment)
+        x, m = augment(x, m, gen, t)
         model.classifier.eval()
         boxes = torch.cat([model.cam_prompts(x[i:i + 16])[1] for i in range(0, len(x), 16)])
         return {"masks": m.bool(), "cam_boxes": boxes.detach(), "emb": _encode(model, x, f"encode seed {seed} copies")}

@@ -48,3 +48,9 @@ def expand_box(box, fraction: float, size, pixels: float = 0.0) -> np.ndarray:
     return np.array(
         [max(0.0, x1 - dx), max(0.0, y1 - dy), min(w - 1.0, x2 + dx), min(h - 1.0, y2 + dy)], dtype=np.float32
     )
+
+
+def organ_share(box, mask: np.ndarray) -> float:
+    """The share of an xyxy box's pixels that are organ in `mask` (H,W) bool."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return float(mask[y1:y2 + 1, x1:x2 + 1].mean()) if x2 >= x1 and y2 >= y1 else 0.0

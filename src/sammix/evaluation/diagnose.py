@@ -31,7 +31,7 @@ def _true_box_masks(model, images: np.ndarray, gts: np.ndarray, cleanup: bool, b
         x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
         out.append(model.predict_slices(x, boxes=boxes[start:start + batch_size])["masks"].numpy())
     masks = np.concatenate(out)
-    return np.stack([clean_mask(m) for m in masks]) if cleanup else masks
+    return clean_mask(masks) if cleanup else masks
 
 
 def failure_cause(present: bool, box, gt: np.ndarray, pred: np.ndarray) -> str:

@@ -53,3 +53,11 @@ def random_resolution(x: torch.Tensor, generator: torch.Generator, max_factor: f
         small = F.interpolate(x[i:i + 1], size=(side, side), mode="area")
         out[i:i + 1] = F.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
     return out
+
+
+def augment(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, t):
+    """The training augmentation of TrainConfig `t`: the affine (image and mask), then intensity and
+    resolution jitter of the image at `t`'s strengths."""
+    x, masks = random_affine(x, masks, generator)
+    x = random_intensity(x, generator, t.intensity_augment)
+    return random_resolution(x, generator, t.resolution_augment), masks

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sammix.config import RunConfig
 from sammix.data.splits import sample_labeled, split_cases
 from sammix.errors import SammixError
-from sammix.masks import box_iou, dice_score, mask_to_box
+from sammix.masks import box_iou, dice_score, mask_to_box, organ_share
 from sammix.models.cam import cam_to_box
 from sammix.models.classifier import classification_loss
 from sammix.models.inferer import SliceInferer
@@ -27,7 +27,7 @@ from sammix.models.sam import SamBackbone
 from sammix.models.sammix import SamMix
 from sammix.runfolder import RunFolder
 from sammix.training import distributed
-from sammix.training.augment import random_affine, random_intensity, random_resolution
+from sammix.training.augment import augment
 from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
 from sammix.training.pseudo import pseudo_label
@@ -53,12 +53,6 @@ def _batches(indices: np.ndarray, size: int):
 
 def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32) / 255.0).unsqueeze(1).to(device)
-
-
-def organ_share(box: np.ndarray, mask: np.ndarray) -> float:
-    """The share of an xyxy box's pixels that are organ in `mask` (H,W) bool."""
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    return float(mask[y1:y2 + 1, x1:x2 + 1].mean()) if x2 >= x1 and y2 >= y1 else 0.0
 
 
 def jittered_truth_boxes(boxes: torch.Tensor, masks: torch.Tensor, share: float,
@@ -312,9 +306,7 @@ class Trainer(EpochTrainer):
                                            for s in samples])).float().unsqueeze(1).to(self.device)
             known = torch.tensor([s[1] is not None for s in samples], device=self.device)
             y = torch.tensor([s[2] for s in samples], device=self.device)
-            x, m = random_affine(x, m, self.gen)
-            x = random_intensity(x, self.gen, t.intensity_augment)
-            x = random_resolution(x, self.gen, t.resolution_augment)
+            x, m = augment(x, m, self.gen, t)
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
@@ -340,9 +332,7 @@ class Trainer(EpochTrainer):
         for idx in _batches(order, t.batch_size * self.world):  # a global batch; each rank trains its share
             x = _to_tensor(self.sam_images[idx], self.device)
             m = torch.from_numpy(self.sam_masks[idx]).float().unsqueeze(1).to(self.device)
-            x, m = random_affine(x, m, self.gen)
-            x = random_intensity(x, self.gen, t.intensity_augment)
-            x = random_resolution(x, self.gen, t.resolution_augment)
+            x, m = augment(x, m, self.gen, t)
             # the classifier prompts SAM as it will at inference: in eval mode (its BatchNorm statistics
             # are neither taken from nor moved by these 4-slice batches)
             self.model.classifier.eval()
