@@ -208,7 +208,9 @@ def work_accuracy(args) -> dict:
     axial, gt = volume.axial(), volume.to_axial(_gt(args.gt))
     picks = np.flatnonzero(gt.any(axis=(1, 2)))[::2]
 
-    x = to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size)
+    spacing = volume.axial_spacing()
+    in_plane = spacing and spacing[1:]
+    x = to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size, in_plane)
     engines = {"fp32": Engine(model, "fp32", "torch"), "bf16": Engine(model, "bf16", "torch"),
                "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run)),
                "onnx-int8": Engine(model, "int8", "onnx", onnx_dir=cached_export(model, run))}
@@ -219,7 +221,7 @@ def work_accuracy(args) -> dict:
         engine.times.clear()
         res = inferer.predict(x, gate=False)
         out[name] = res
-        masks = logits_to_native(res["logits"], axial.shape[1:])
+        masks = logits_to_native(res["logits"], axial.shape[1:], in_plane)
         result[name] = {"encoder_s_per_slice": engine.times["sam_encoder"] / len(picks),
                         "decoder_s_per_slice": engine.times["sam_decoder"] / len(picks),
                         "dice_vs_gt": _dice(masks, gt[picks]), "masks": masks}

@@ -15,7 +15,8 @@ from sammix.data import cache as cache_module
 from sammix.data.cache import SliceCache, prepare_dataset
 from sammix.data.io import read_image2d
 from sammix.data.layouts import list_cases, load_case
-from sammix.data.preprocess import middle_slices, resize_image, resize_mask, to_unit, window
+from sammix.data.preprocess import (from_square, middle_slices, resize_image, resize_mask, square_padding, to_square,
+                                    to_unit, window)
 
 SMALL = PrepConfig(size=32)
 
@@ -38,6 +39,16 @@ def test_window_resize_and_middle_slices():
         middle_slices(10, 0.0)
 
 
+def test_square_field_of_view():
+    assert square_padding((101, 122)) == ((10, 11), (0, 0))  # a 3 mm TotalSegmentator crop
+    assert square_padding((64, 64), (2.0, 1.0)) == ((0, 0), (32, 32))  # 128 x 64 mm
+    assert square_padding((512, 512), (0.7, 0.7)) == ((0, 0), (0, 0))
+    img = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4) + 1
+    square = to_square(img)
+    assert square.shape == (5, 4, 4) and (square[:, 3] == 0).all()  # the extra row below: air
+    np.testing.assert_array_equal(from_square(square, (3, 4)), img)
+
+
 def test_cache_contents_match_the_volumes(synthetic_root, tmp_path):
     root = synthetic_root("lits", spacing=(1.0, 2.0, 3.0), axcodes=("L", "P", "S"))
     cache = prepare_dataset(root, SMALL, cache_dir=tmp_path, progress=False)
@@ -49,16 +60,19 @@ def test_cache_contents_match_the_volumes(synthetic_root, tmp_path):
     np.testing.assert_array_equal(data["labels"], data["masks"].any(axis=(1, 2)))
     assert data["has_mask"].all() and 0 < data["labels"].mean() < 1  # slices with and without liver
     assert (data["depth"] == 48).all()
-    np.testing.assert_allclose(data["spacing"], np.tile([2.0 * 64 / 32, 1.0 * 64 / 32], (144, 1)))
+    # rows 2 mm, columns 1 mm: 128 x 64 mm, padded to 128 x 128 mm, so 4 mm per pixel both ways
+    np.testing.assert_allclose(data["spacing"], np.tile([4.0, 4.0], (144, 1)))
 
     idx = cache.indices_for_cases(["volume-1"])
     assert len(idx) == 48 and (cache.case[idx] == "volume-1").all()
     np.testing.assert_array_equal(cache.slice_index[idx], np.arange(48))
     volume, mask = load_case(list_cases(root)[1])
     z = 30
-    expected = np.round(np.clip(resize_image(window(volume.axial()[z], 40, 400), 32), 0, 1) * 255)
+    square = to_square(window(volume.axial()[z], 40, 400), (2.0, 1.0))
+    assert square.shape == (64, 128)
+    expected = np.round(np.clip(resize_image(square, 32), 0, 1) * 255)
     np.testing.assert_array_equal(cache.image(idx[z]), expected.astype(np.uint8))
-    np.testing.assert_array_equal(cache.mask(idx[z]), resize_mask(volume.to_axial(mask)[z], 32))
+    np.testing.assert_array_equal(cache.mask(idx[z]), resize_mask(to_square(volume.to_axial(mask)[z], (2.0, 1.0)), 32))
     picks = [idx[30], idx[2], idx[30], 5]
     np.testing.assert_array_equal(cache.images(picks), np.stack([cache.image(i) for i in picks]))
     np.testing.assert_array_equal(cache.masks(picks), np.stack([cache.mask(i) for i in picks]))

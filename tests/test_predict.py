@@ -19,7 +19,7 @@ from PIL import Image
 from sammix.cli import main
 from sammix.config import ModelConfig
 from sammix.data.io import Volume, read_volume
-from sammix.data.preprocess import resize_mask
+from sammix.data.preprocess import resize_mask, to_square
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
 from sammix.inference.export import ExportedRun, model_key, state_key
 from sammix.inference.geometry import clean_mask, logits_to_native, mask_to_stored, to_model_input
@@ -90,13 +90,13 @@ class GroundTruthBackend:
     size = 256
     cfg = ModelConfig()
 
-    def __init__(self, volume: Volume, mask_stored: np.ndarray, window):
+    def __init__(self, volume: Volume, mask_stored: np.ndarray, window, spacing_rc=None):
         axial, gt = volume.axial(), volume.to_axial(mask_stored)
         from sammix.data.preprocess import volume_to_unit
 
-        x = to_model_input(volume_to_unit(axial, window), self.size)
+        x = to_model_input(volume_to_unit(axial, window), self.size, spacing_rc)
         self.keys = {x[z].numpy().tobytes(): z for z in range(len(axial))}
-        self.answers = [resize_mask(gt[z], self.size) for z in range(len(axial))]
+        self.answers = [resize_mask(to_square(gt[z], spacing_rc), self.size) for z in range(len(axial))]
         assert len(self.keys) == len(axial)
         self.segmented = 0
 
@@ -114,14 +114,17 @@ class GroundTruthBackend:
         return logits, torch.tensor([[1.0, 0.5, 0.5]]).repeat(len(emb), 1)
 
 
-def _gt_inferer(volume, gt_stored):
-    backend = GroundTruthBackend(volume, gt_stored, (40.0, 400.0))
+def _gt_inferer(volume, gt_stored, spacing_rc=None):
+    backend = GroundTruthBackend(volume, gt_stored, (40.0, 400.0), spacing_rc)
     return SliceInferer(backend), backend
 
 
 def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
-    inferer, _ = _gt_inferer(volume, gt_stored)
-    mask_axial, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=batch_size)
+    """Slices padded to a square field of view in mm (the volume's in-plane spacing) and back."""
+    in_plane = volume.axial_spacing()[1:]
+    inferer, _ = _gt_inferer(volume, gt_stored, in_plane)
+    mask_axial, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=batch_size,
+                                      spacing_rc=in_plane)
     stored, _ = mask_to_stored(volume, mask_axial, cleanup=True)
     assert facts["present"].sum() == volume.to_axial(gt_stored).any(axis=(1, 2)).sum()
     return stored
@@ -196,9 +199,14 @@ def test_slice_step_falls_back_to_sam_where_neighbours_disagree():
 def test_logits_are_resized_back_to_the_same_anatomy():
     native = np.zeros((1, 100, 60), bool)
     native[0, 20:50, 10:30] = True  # rows 20-49, columns 10-29 of a non-square slice
-    small = resize_mask(native[0].astype(np.uint8), 256)
+    small = resize_mask(to_square(native[0].astype(np.uint8)), 256)  # padded to 100 x 100 first
+    assert small[:, :256 * 20 // 100].sum() == 0  # the 20 columns of padding on the left stay empty
     back = logits_to_native(torch.tensor(small[None].astype(np.float32) * 2 - 1), (100, 60))
     assert back.shape == native.shape and _dice(back, native) > 0.97
+    # anisotropic pixels: 100 rows of 1 mm, 60 columns of 2 mm are 100 x 120 mm, padded to 120 rows
+    small = resize_mask(to_square(native[0].astype(np.uint8), (1.0, 2.0)), 256)
+    back = logits_to_native(torch.tensor(small[None].astype(np.float32) * 2 - 1), (100, 60), (1.0, 2.0))
+    assert _dice(back, native) > 0.97
 
 
 def test_clean_mask_fills_holes_and_keeps_every_component():
@@ -268,7 +276,8 @@ def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_p
     assert engine.backend == "onnx"
     volume = read_volume(_small_ct(tmp_path))
     mask, record = predict_volume(engine, volume, gate=False, batch_size=2, cleanup=False)
-    again, _ = predict_axial(engine, volume.axial(), model.prep.window, batch_size=1, gate=False)
+    again, _ = predict_axial(engine, volume.axial(), model.prep.window, batch_size=1, gate=False,
+                             spacing_rc=volume.axial_spacing()[1:])
     assert mask.shape == volume.data.shape and mask.dtype == np.uint8
     assert mask.any()
     assert (mask == volume.from_axial(again.astype(np.uint8))).mean() > 0.999  # float noise may flip a pixel

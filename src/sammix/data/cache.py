@@ -1,7 +1,8 @@
 """`sammix prepare`: a dataset folder -> an HDF5 cache of model-ready axial slices.
 
 One file per (input files, PrepConfig), named by a hash of both, so re-running on unchanged data
-reuses it. Datasets (N = slices, S = PrepConfig.size): images (N,S,S) uint8, masks (N,S,S) uint8
+reuses it. Datasets (N = slices, S = PrepConfig.size): images (N,S,S) uint8 (each slice padded to a
+square field of view, then resized: `preprocess.to_square`), masks (N,S,S) uint8
 0/1, labels (N,) uint8 organ present (meaningful only where has_mask), has_mask (N,) bool, case
 (N,) str, slice_index (N,) int32 (axial index, slice 0 most inferior; for 2D slices the number in
 the file name), depth (N,) int32 axial slices of the slice's whole volume (0 for 2D slices:
@@ -23,10 +24,10 @@ from sammix.config import PrepConfig
 from sammix.data.io import atomic_path
 from sammix.data.layouts import CaseRecord, detect_layout, list_cases, load_case
 from sammix.data.preprocess import (middle_slices, resize_image, resize_mask, resized_spacing, slice_to_unit,
-                                    to_uint8, volume_to_unit)
+                                    square_padding, to_square, to_uint8, volume_to_unit)
 from sammix.errors import InputError
 
-CACHE_VERSION = 2  # bump when the cache contents change for the same inputs
+CACHE_VERSION = 3  # bump when the cache contents change for the same inputs
 
 
 def default_cache_dir() -> Path:
@@ -60,10 +61,13 @@ def _slices_of_volume(rec: CaseRecord, prep: PrepConfig):
     hu = volume.axial()
     mask_ax = volume.to_axial(mask) if mask is not None else None
     spacing = volume.axial_spacing()
+    in_plane = spacing[1:] if spacing else None
+    square = square_padding(hu.shape[1:], in_plane)
+    shape = tuple(n + sum(p) for n, p in zip(hu.shape[1:], square))
     for z in middle_slices(len(hu), prep.middle_fraction):
-        image = to_uint8(resize_image(volume_to_unit(hu[z], prep.window), prep.size))
-        m = resize_mask(mask_ax[z], prep.size) if mask_ax is not None else None
-        yield image, m, z, len(hu), resized_spacing(spacing[1:] if spacing else None, hu.shape[1:], prep.size)
+        image = to_uint8(resize_image(to_square(volume_to_unit(hu[z], prep.window), in_plane), prep.size))
+        m = resize_mask(to_square(mask_ax[z], in_plane), prep.size) if mask_ax is not None else None
+        yield image, m, z, len(hu), resized_spacing(in_plane, shape, prep.size)
 
 
 def _slices_of_images(recs: list[CaseRecord], prep: PrepConfig):
@@ -71,9 +75,9 @@ def _slices_of_images(recs: list[CaseRecord], prep: PrepConfig):
     for position, rec in enumerate(recs):
         image, mask = load_case(rec, prep.organ)
         unit = slice_to_unit(image, prep.window)
-        m = resize_mask(mask, prep.size) if mask is not None else None
+        m = resize_mask(to_square(mask), prep.size) if mask is not None else None
         index = rec.slice_index if rec.slice_index is not None else position
-        yield to_uint8(resize_image(unit, prep.size)), m, index, 0, (float("nan"), float("nan"))
+        yield to_uint8(resize_image(to_square(unit), prep.size)), m, index, 0, (float("nan"), float("nan"))
 
 
 class _Writer:

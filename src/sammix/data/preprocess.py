@@ -46,6 +46,37 @@ def _size_hw(size) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def square_padding(shape_rc: tuple[int, int], spacing_rc: tuple[float, float] | None = None):
+    """((top, bottom), (left, right)) pixels that make a (rows, cols) slice cover a square field of
+    view: in mm where the in-plane spacing is known, else in pixels. Resized to S x S after this
+    padding, a slice keeps its aspect ratio (a 366 x 303 mm TotalSegmentator crop would otherwise
+    be stretched by a fifth, and the model sees another anatomy than it was trained on)."""
+    rows, cols = (int(n) for n in shape_rc)
+    sr, sc = spacing_rc if spacing_rc is not None else (1.0, 1.0)
+    side = max(rows * sr, cols * sc)
+    pads = []
+    for n, s in ((rows, sr), (cols, sc)):
+        extra = max(0, int(round(side / s)) - n)
+        pads.append((extra // 2, extra - extra // 2))
+    return tuple(pads)
+
+
+def to_square(image: np.ndarray, spacing_rc: tuple[float, float] | None = None) -> np.ndarray:
+    """An image or a stack (..., H, W) padded with zeros (air, after the window) to a square field of view."""
+    image = np.asarray(image)
+    pads = square_padding(image.shape[-2:], spacing_rc)
+    if not any(sum(p) for p in pads):
+        return image
+    return np.pad(image, [(0, 0)] * (image.ndim - 2) + list(pads))
+
+
+def from_square(image: np.ndarray, shape_rc: tuple[int, int], spacing_rc: tuple[float, float] | None = None):
+    """The inverse of `to_square`: (..., H', W') -> the original (..., H, W) part."""
+    (top, _), (left, _) = square_padding(shape_rc, spacing_rc)
+    rows, cols = shape_rc
+    return image[..., top:top + rows, left:left + cols]
+
+
 def resize_image(image: np.ndarray, size) -> np.ndarray:
     """Bilinear resize of a 2D image to `size` (int side, or (rows, cols)); float32 out."""
     rows, cols = _size_hw(size)

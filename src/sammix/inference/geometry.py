@@ -12,23 +12,27 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sammix.data import io
-from sammix.data.preprocess import resize_image
+from sammix.data.preprocess import from_square, resize_image, square_padding, to_square
 
 
-def to_model_input(unit_slices: np.ndarray, size: int) -> torch.Tensor:
-    """(B,H,W) in [0,1] -> (B,1,S,S), resized like the training slices (`resize_image`)."""
-    return torch.from_numpy(np.stack([resize_image(s, size) for s in unit_slices]))[:, None]
+def to_model_input(unit_slices: np.ndarray, size: int, spacing_rc=None) -> torch.Tensor:
+    """(B,H,W) in [0,1] -> (B,1,S,S), padded to a square field of view and resized like the
+    training slices (`preprocess.to_square`, `resize_image`). `spacing_rc`: in-plane mm, if known."""
+    square = to_square(np.asarray(unit_slices), spacing_rc)
+    return torch.from_numpy(np.stack([resize_image(s, size) for s in square]))[:, None]
 
 
-def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Mask logits (N,S,S) -> bool masks (N,H,W): bilinear resize of the logits, then > 0.
+def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_rc=None) -> np.ndarray:
+    """Mask logits (N,S,S) -> bool masks (N,H,W): bilinear resize of the logits to the padded
+    square, then > 0, then the padding cut off.
 
-    The inverse of the input's resize (`preprocess.resize_image`, pixel centres aligned), so the
-    mask covers the same anatomy it was predicted on."""
+    The inverse of `to_model_input` (pixel centres aligned), so the mask covers the same anatomy
+    it was predicted on."""
     if len(logits) == 0:
         return np.zeros((0, *shape_hw), dtype=bool)
-    up = F.interpolate(logits[:, None].float(), size=tuple(shape_hw), mode="bilinear", align_corners=False)
-    return (up[:, 0] > 0).numpy()
+    padded = tuple(n + sum(p) for n, p in zip(shape_hw, square_padding(shape_hw, spacing_rc)))
+    up = F.interpolate(logits[:, None].float(), size=padded, mode="bilinear", align_corners=False)
+    return from_square((up[:, 0] > 0).numpy(), shape_hw, spacing_rc)
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:

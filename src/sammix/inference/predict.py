@@ -63,10 +63,12 @@ def _stage_times(inferer: SliceInferer) -> dict[str, float]:
 
 def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: int = 8, gate: bool = True,
                   progress: tqdm | None = None, times: dict | None = None,
-                  slice_step: int = 1, propagate: bool | None = None) -> tuple[np.ndarray, dict]:
+                  slice_step: int = 1, propagate: bool | None = None,
+                  spacing_rc: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
     and per-slice facts {"probs", "present", "segmented"} (`SliceInferer.predict_volume`, whose
-    `propagate` default is the run's)."""
+    `propagate` default is the run's). `spacing_rc`: the in-plane (row, column) mm, None for
+    square pixels."""
     if slice_step < 1:
         raise ValueError(f"slice_step must be >= 1, got {slice_step}")
     inferer = _inferer(inferer)
@@ -76,7 +78,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
     x = torch.empty(z, 1, inferer.size, inferer.size)
     for start in range(0, z, batch_size):
         x[start:start + batch_size] = to_model_input(volume_to_unit(axial[start:start + batch_size], window),
-                                                      inferer.size)
+                                                      inferer.size, spacing_rc)
     times["preprocess"] = times.get("preprocess", 0.0) + time.perf_counter() - t0
     out = inferer.predict_volume(x, gate, slice_step, batch_size, progress, propagate)
 
@@ -86,7 +88,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
     index = np.flatnonzero(out["present"] | out["segmented"])
     for i in range(0, len(index), batch_size):
         chunk = index[i:i + batch_size]
-        mask[chunk] = logits_to_native(out["logits"][chunk], (h, w))
+        mask[chunk] = logits_to_native(out["logits"][chunk], (h, w), spacing_rc)
     times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
     return mask, {k: out[k] for k in ("probs", "present", "segmented")}
 
@@ -121,12 +123,13 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
     start = time.perf_counter()
     axial = volume.axial()
     times["reorient"] = time.perf_counter() - start
-    mask, facts = predict_axial(inferer, axial, window, batch_size, gate, progress, times, slice_step)
+    spacing = volume.axial_spacing()
+    mask, facts = predict_axial(inferer, axial, window, batch_size, gate, progress, times, slice_step,
+                                spacing_rc=None if spacing is None else spacing[1:])
     stored, mask = mask_to_stored(volume, mask, cleanup, times)
     times.update(_stage_times(inferer))
     times["predict_total"] = time.perf_counter() - start
 
-    spacing = volume.axial_spacing()
     voxels = int(mask.sum())
     with_organ = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
     record = {
