@@ -17,7 +17,7 @@ from sammix.config import ModelConfig
 from sammix.errors import InputError, SammixError
 from sammix.inference.graphs import closed_form_cam, inference_encoder
 from sammix.masks import box_iou, expand_box, mask_to_box
-from sammix.models.cam import CamPrompter, cam_to_box, cam_to_mask_prompt, main_component
+from sammix.models.cam import CamPrompter, cam_to_box, cam_to_mask_prompt, finish_cam, main_component, on_tissue
 from sammix.models.classifier import SliceClassifier, build_classifier, classification_loss
 
 SHARED = Path(__file__).parents[2] / "shared/data"
@@ -101,6 +101,24 @@ def test_cam_to_mask_prompt_signs_and_shape():
         assert m[0, 250, 250] == pytest.approx(-8.0)  # background
         assert m[0, 40, 220] == pytest.approx(-8.0)  # the second, smaller blob is not the main one
     assert torch.equal(cam_to_mask_prompt(np.zeros((64, 64))), torch.zeros(1, 256, 256))
+
+
+def test_the_cam_is_kept_on_tissue():
+    """A CAM that peaks in the air (on the table below the body) points nowhere: only its part on
+    tissue counts, so the box falls on the organ-like blob inside the body."""
+    x = torch.zeros(1, 1, 128, 128)
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    body = ((yy - 60) ** 2 / 45**2 + (xx - 64) ** 2 / 55**2) <= 1
+    x[0, 0][body] = 0.3
+    x[0, 0, 40:60, 30:50] = 0.0  # a lung: air inside the body
+    tissue = on_tissue(x)[0]
+    assert tissue[60, 64] == 1 and tissue[50, 40] == 0 and tissue[0, 0] == 0
+    assert tissue[60, 64 + 55 + 3] == 1  # the body's border keeps a margin
+    raw = torch.from_numpy(gaussian(128, 128, 5, 122, 4, 4, amp=2.0) + gaussian(128, 128, 40, 75, 10, 10)).float()
+    cam = finish_cam(raw[None, None], x)
+    assert cam.shape == (1, 128, 128) and float(cam.max()) == pytest.approx(1.0)
+    assert float(cam[0, 122, 5]) == 0.0  # the peak on the table is gone
+    assert box_iou(cam_to_box(cam[0].numpy(), 0.4), [30, 65, 50, 85]) > 0.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from sammix.inference.graphs import DecoderForExport, EncoderForExport, closed_f
 from sammix.inference.sessions import FILES, onnx_session
 
 OPSET = 17
-FORMAT = "sammix-onnx/1"
+FORMAT = "sammix-onnx/2"  # 2: the CAM is kept on tissue (models.cam.on_tissue)
 TOLERANCE = {"classifier": 1e-3, "encoder": 1e-3, "decoder": 1e-2}  # max abs diff allowed at export
 INT8_MAX_REL_ERROR = 0.15  # |int8 - fp32| / |fp32| of the embeddings allowed at export (typically 0.05-0.07)
 

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from sammix.models.cam import finish_cam
+
 
 def _layer_grad(model, x: torch.Tensor) -> torch.Tensor:
     """d(sum of logits) / d(CAM layer output), as `CamPrompter.compute` takes it (eval mode)."""
@@ -70,13 +72,7 @@ class ClassifierWithCam(nn.Module):
             handle.remove()
         act = store["act"]
         h, w = act.shape[-2:]
-        cam = F.relu((self.weights / (h * w) * act).sum(dim=1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
-        lo = cam.amin(dim=(1, 2), keepdim=True)
-        span = cam.amax(dim=(1, 2), keepdim=True) - lo
-        cam = torch.where(span > 1e-12, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
-        return logits, cam
+        return logits, finish_cam(F.relu((self.weights / (h * w) * act).sum(dim=1, keepdim=True)), x)
 
 
 def closed_form_cam(model) -> ClassifierWithCam | None:

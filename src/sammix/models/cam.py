@@ -15,6 +15,28 @@ from sammix.errors import SammixError
 from sammix.masks import box_iou, mask_to_box
 
 MASK_PROMPT_SIZE = 256  # SAM's prompt encoder takes 4x its 64x64 embedding grid
+# Model input (0..1) below which a 5 x 5 neighbourhood is air (or fat, under the lits-slices
+# window): the organ is never there, so the CAM is not either. The tissue mask is grown by
+# TISSUE_GROW pixels, so the organ's border keeps its CAM (docs/results.md).
+TISSUE_LEVEL = 0.05
+TISSUE_GROW = 5
+
+
+def on_tissue(x: torch.Tensor) -> torch.Tensor:
+    """Slices (B,1,S,S) in [0,1] -> (B,S,S) 1.0 where there is tissue nearby, 0.0 in air: outside
+    the body (the table, the corners), the lungs and bowel gas."""
+    local = F.avg_pool2d(x.float(), 5, stride=1, padding=2, count_include_pad=False)
+    return F.max_pool2d((local > TISSUE_LEVEL).float(), 2 * TISSUE_GROW + 1, stride=1, padding=TISSUE_GROW)[:, 0]
+
+
+def finish_cam(cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The class-weighted activations (B,1,h,w) of slices x (B,1,S,S) -> CAMs (B,S,S) in [0,1]:
+    upsampled, kept on tissue (`on_tissue`), min-max normalised (all zeros where flat)."""
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0) * on_tissue(x)
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - lo
+    return torch.where(span > 1e-12, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
 
 
 def _normalised(cam) -> np.ndarray | None:
@@ -205,12 +227,7 @@ class CamPrompter(CamPrompts):
             self.classifier.train(was_training)
         with torch.no_grad():
             weights = grad.mean(dim=(2, 3), keepdim=True)
-            cam = F.relu((weights * act).sum(dim=1, keepdim=True))
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
-            lo = cam.amin(dim=(1, 2), keepdim=True)
-            span = cam.amax(dim=(1, 2), keepdim=True) - lo
-            cam = torch.where(span > 1e-12, (cam - lo) / span.clamp_min(1e-12), torch.zeros_like(cam))
+            cam = finish_cam(F.relu((weights * act).sum(dim=1, keepdim=True)), x)
         return logits.detach(), cam
 
     def cams(self, x: torch.Tensor) -> torch.Tensor:
