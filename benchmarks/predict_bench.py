@@ -208,8 +208,7 @@ def work_accuracy(args) -> dict:
     axial, gt = volume.axial(), volume.to_axial(_gt(args.gt))
     picks = np.flatnonzero(gt.any(axis=(1, 2)))[::2]
 
-    spacing = volume.axial_spacing()
-    in_plane = spacing and spacing[1:]
+    in_plane = volume.in_plane_spacing()
     x = to_model_input(volume_to_unit(axial[picks], model.prep.window), model.prep.size, in_plane)
     engines = {"fp32": Engine(model, "fp32", "torch"), "bf16": Engine(model, "bf16", "torch"),
                "onnx": Engine(model, "fp32", "onnx", onnx_dir=cached_export(model, run)),

@@ -65,7 +65,6 @@ def main() -> None:
         for name, (ct, labels) in _volumes(Path(tmp)).items():
             volume = read_volume(ct)
             axial = volume.axial()
-            spacing = volume.axial_spacing()
             gt = None if labels is None else read_volume(labels).axial() > 0
             reference = None
             for step in [*steps, "context"]:
@@ -73,7 +72,7 @@ def main() -> None:
                 context = step == "context"
                 mask, facts = predict_axial(inferer, axial, engine.model.prep.window,
                                             slice_step=1 if context else step, propagate=context,
-                                            spacing_rc=spacing and spacing[1:])
+                                            spacing_rc=volume.in_plane_spacing())
                 _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
                 seconds = time.perf_counter() - start
                 reference = mask if reference is None else reference

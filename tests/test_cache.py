@@ -15,8 +15,8 @@ from sammix.data import cache as cache_module
 from sammix.data.cache import SliceCache, prepare_dataset
 from sammix.data.io import read_image2d
 from sammix.data.layouts import list_cases, load_case
-from sammix.data.preprocess import (from_square, middle_slices, resize_image, resize_mask, square_padding, to_square,
-                                    to_unit, window)
+from sammix.data.preprocess import (from_square, middle_slices, resize_image, resize_mask, square_padding, square_shape,
+                                    to_square, to_unit, window)
 
 SMALL = PrepConfig(size=32)
 
@@ -43,6 +43,7 @@ def test_square_field_of_view():
     assert square_padding((101, 122)) == ((10, 11), (0, 0))  # a 3 mm TotalSegmentator crop
     assert square_padding((64, 64), (2.0, 1.0)) == ((0, 0), (32, 32))  # 128 x 64 mm
     assert square_padding((512, 512), (0.7, 0.7)) == ((0, 0), (0, 0))
+    assert square_shape((101, 122)) == (122, 122) and square_shape((64, 64), (2.0, 1.0)) == (64, 128)
     img = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4) + 1
     square = to_square(img)
     assert square.shape == (5, 4, 4) and (square[:, 3] == 0).all()  # the extra row below: air

@@ -121,7 +121,7 @@ def _gt_inferer(volume, gt_stored, spacing_rc=None):
 
 def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
     """Slices padded to a square field of view in mm (the volume's in-plane spacing) and back."""
-    in_plane = volume.axial_spacing()[1:]
+    in_plane = volume.in_plane_spacing()
     inferer, _ = _gt_inferer(volume, gt_stored, in_plane)
     mask_axial, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=batch_size,
                                       spacing_rc=in_plane)
@@ -277,7 +277,7 @@ def test_predict_volume_runs_sam_and_batches_do_not_change_the_answer(run, tmp_p
     volume = read_volume(_small_ct(tmp_path))
     mask, record = predict_volume(engine, volume, gate=False, batch_size=2, cleanup=False)
     again, _ = predict_axial(engine, volume.axial(), model.prep.window, batch_size=1, gate=False,
-                             spacing_rc=volume.axial_spacing()[1:])
+                             spacing_rc=volume.in_plane_spacing())
     assert mask.shape == volume.data.shape and mask.dtype == np.uint8
     assert mask.any()
     assert (mask == volume.from_axial(again.astype(np.uint8))).mean() > 0.999  # float noise may flip a pixel

@@ -328,9 +328,8 @@ def _write_volumes(src: _Sources, found: dict, prefill: dict, organ: str, out: P
         else:
             write_volume(volume, case / "ct.nii.gz")
         axial = volume.to_axial(mask) if mask is not None else np.zeros(volume.axial_shape(), np.uint8)
-        spacing = volume.axial_spacing()
         for (c, z), j in prefill.items():
             if c == name:
                 soft = torch.from_numpy(_mask(found, j) * 2.0 - 1.0).float()[None]  # resized smoothly
-                axial[z] = logits_to_native(soft, axial.shape[1:], spacing and spacing[1:])[0]
+                axial[z] = logits_to_native(soft, axial.shape[1:], volume.in_plane_spacing())[0]
         write_mask(volume.from_axial(axial), volume, case / "segmentations" / f"{organ}.nii.gz")

@@ -24,7 +24,7 @@ from sammix.config import PrepConfig
 from sammix.data.io import atomic_path
 from sammix.data.layouts import CaseRecord, detect_layout, list_cases, load_case
 from sammix.data.preprocess import (middle_slices, resize_image, resize_mask, resized_spacing, slice_to_unit,
-                                    square_padding, to_square, to_uint8, volume_to_unit)
+                                    square_shape, to_square, to_uint8, volume_to_unit)
 from sammix.errors import InputError
 
 CACHE_VERSION = 3  # bump when the cache contents change for the same inputs
@@ -60,14 +60,11 @@ def _slices_of_volume(rec: CaseRecord, prep: PrepConfig):
     volume, mask = load_case(rec, prep.organ)
     hu = volume.axial()
     mask_ax = volume.to_axial(mask) if mask is not None else None
-    spacing = volume.axial_spacing()
-    in_plane = spacing[1:] if spacing else None
-    square = square_padding(hu.shape[1:], in_plane)
-    shape = tuple(n + sum(p) for n, p in zip(hu.shape[1:], square))
+    in_plane = volume.in_plane_spacing()
     for z in middle_slices(len(hu), prep.middle_fraction):
         image = to_uint8(resize_image(to_square(volume_to_unit(hu[z], prep.window), in_plane), prep.size))
         m = resize_mask(to_square(mask_ax[z], in_plane), prep.size) if mask_ax is not None else None
-        yield image, m, z, len(hu), resized_spacing(in_plane, shape, prep.size)
+        yield image, m, z, len(hu), resized_spacing(in_plane, square_shape(hu.shape[1:], in_plane), prep.size)
 
 
 def _slices_of_images(recs: list[CaseRecord], prep: PrepConfig):

@@ -86,6 +86,11 @@ class Volume:
         order = self._stored_axis_of_world()
         return tuple(float(zooms[order[w]]) for w in (2, 1, 0))
 
+    def in_plane_spacing(self) -> tuple[float, float] | None:
+        """(row, column) spacing in mm of each slice of `axial()`, or None when the file has none."""
+        spacing = self.axial_spacing()
+        return None if spacing is None else spacing[1:]
+
     def with_axcodes(self, codes: tuple[str, str, str]) -> "Volume":
         """The same voxels with an explicitly assumed orientation (e.g. ("L", "P", "S")), for files
         whose affine carries no geometry; spacing stays unknown. Nothing calls this implicitly."""

@@ -61,6 +61,11 @@ def square_padding(shape_rc: tuple[int, int], spacing_rc: tuple[float, float] | 
     return tuple(pads)
 
 
+def square_shape(shape_rc: tuple[int, int], spacing_rc: tuple[float, float] | None = None) -> tuple[int, int]:
+    """The (rows, cols) of a slice of this shape once padded by `square_padding`."""
+    return tuple(int(n) + sum(p) for n, p in zip(shape_rc, square_padding(shape_rc, spacing_rc)))
+
+
 def to_square(image: np.ndarray, spacing_rc: tuple[float, float] | None = None) -> np.ndarray:
     """An image or a stack (..., H, W) padded with zeros (air, after the window) to a square field of view."""
     image = np.asarray(image)

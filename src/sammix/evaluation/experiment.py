@@ -11,8 +11,8 @@ A grid of cells (method x k x seed) under one folder:
 
 Every cell trains on the same data with the same case split (TrainConfig.split_seed) and is scored
 by the same metric code (`evaluate.score_predictions`, on the masks cleaned up as `predict` cleans
-them) on the organ-present slices (the paper's per-slice scores) of the held-out test cases of the training data ("in-domain") and of each
---test-data set ("cross-domain"). Running
+them) on the organ-present slices (the paper's per-slice scores) of the held-out test cases of the
+training data ("in-domain") and of each --test-data set ("cross-domain"). Running
 the same command again reuses finished runs and evaluations; a cell that fails is recorded with its
 error and the grid goes on.
 """

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sammix.data import io
-from sammix.data.preprocess import from_square, resize_image, square_padding, to_square
+from sammix.data.preprocess import from_square, resize_image, square_shape, to_square
 
 
 def to_model_input(unit_slices: np.ndarray, size: int, spacing_rc=None) -> torch.Tensor:
@@ -30,8 +30,7 @@ def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_rc
     it was predicted on."""
     if len(logits) == 0:
         return np.zeros((0, *shape_hw), dtype=bool)
-    padded = tuple(n + sum(p) for n, p in zip(shape_hw, square_padding(shape_hw, spacing_rc)))
-    up = F.interpolate(logits[:, None].float(), size=padded, mode="bilinear", align_corners=False)
+    up = F.interpolate(logits[:, None].float(), size=square_shape(shape_hw, spacing_rc), mode="bilinear", align_corners=False)
     return from_square((up[:, 0] > 0).numpy(), shape_hw, spacing_rc)
 
 

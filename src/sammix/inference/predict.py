@@ -123,9 +123,8 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
     start = time.perf_counter()
     axial = volume.axial()
     times["reorient"] = time.perf_counter() - start
-    spacing = volume.axial_spacing()
     mask, facts = predict_axial(inferer, axial, window, batch_size, gate, progress, times, slice_step,
-                                spacing_rc=None if spacing is None else spacing[1:])
+                                spacing_rc=volume.in_plane_spacing())
     stored, mask = mask_to_stored(volume, mask, cleanup, times)
     times.update(_stage_times(inferer))
     times["predict_total"] = time.perf_counter() - start
