@@ -12,7 +12,7 @@ import torch
 from sammix.config import TrainConfig
 from sammix.errors import SammixError
 from sammix.masks import box_iou, mask_to_box
-from sammix.training.augment import random_intensity, random_resolution
+from sammix.training.augment import augment, random_intensity, random_resolution
 from sammix.training.train import SamLoss, jittered_truth_boxes
 
 S = 32
@@ -107,3 +107,19 @@ def test_resolution_jitter_blurs_by_up_to_its_factor_and_is_off_at_one():
     assert coarse.shape == x.shape
     assert torch.allclose(coarse.mean(), x.mean(), atol=0.05)  # the same image, its detail gone
     assert (coarse[..., 1:] - coarse[..., :-1]).abs().mean() < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()
+
+
+def test_the_classifier_can_keep_its_own_augmentation_strengths():
+    x = torch.rand(4, 1, S, S)
+    m = torch.zeros(4, 1, S, S)
+    strong = TrainConfig(intensity_augment=2.5, resolution_augment=2.5, cls_intensity_augment=0.0,
+                         cls_resolution_augment=1.0)
+
+    def changed(t, classifier):  # how far the jitter moved the image, the same affine draw each time
+        affine_only = TrainConfig(intensity_augment=0.0)
+        ref = augment(x, m, torch.Generator().manual_seed(0), affine_only)[0]
+        return (augment(x, m, torch.Generator().manual_seed(0), t, classifier)[0] - ref).abs().mean()
+
+    assert changed(strong, classifier=False) > 0.01
+    assert changed(strong, classifier=True) == 0  # the classifier's strengths: no jitter at all
+    assert changed(TrainConfig(intensity_augment=2.5), classifier=True) > 0.01  # None: SAM's

@@ -93,6 +93,9 @@ class TrainConfig:
     anchor_weight: float = 0.0  # L2 pull of SAM's decoder towards its pretrained weights (L2-SP)
     intensity_augment: float = 1.0  # strength of the contrast / brightness / gamma jitter (0: none)
     resolution_augment: float = 1.0  # slices seen up to this factor coarser, as thick-pixel scans look (1: none)
+    # the classifier's own strengths of the two above; None: the same as SAM's
+    cls_intensity_augment: float | None = None
+    cls_resolution_augment: float | None = None
     # self-training (training/pseudo.py): after the supervised epochs, each round labels the training
     # slices without a mask and --unlabeled-data, keeps the answers the checks vouch for, and trains
     # SAM on them and the labelled slices for self_train_epochs more epochs

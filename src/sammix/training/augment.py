@@ -55,9 +55,13 @@ def random_resolution(x: torch.Tensor, generator: torch.Generator, max_factor: f
     return out
 
 
-def augment(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, t):
+def augment(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, t, classifier: bool = False):
     """The training augmentation of TrainConfig `t`: the affine (image and mask), then intensity and
-    resolution jitter of the image at `t`'s strengths."""
+    resolution jitter of the image at `t`'s strengths, SAM's or, with `classifier`, the classifier's."""
+    intensity, resolution = t.intensity_augment, t.resolution_augment
+    if classifier:
+        intensity = intensity if t.cls_intensity_augment is None else t.cls_intensity_augment
+        resolution = resolution if t.cls_resolution_augment is None else t.cls_resolution_augment
     x, masks = random_affine(x, masks, generator)
-    x = random_intensity(x, generator, t.intensity_augment)
-    return random_resolution(x, generator, t.resolution_augment), masks
+    x = random_intensity(x, generator, intensity)
+    return random_resolution(x, generator, resolution), masks

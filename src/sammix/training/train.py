@@ -306,7 +306,7 @@ class Trainer(EpochTrainer):
                                            for s in samples])).float().unsqueeze(1).to(self.device)
             known = torch.tensor([s[1] is not None for s in samples], device=self.device)
             y = torch.tensor([s[2] for s in samples], device=self.device)
-            x, m = augment(x, m, self.gen, t)
+            x, m = augment(x, m, self.gen, t, classifier=True)
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
