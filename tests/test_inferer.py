@@ -219,3 +219,49 @@ def test_prompt_candidates_keep_the_cam_answer_when_it_is_already_the_organ():
     backend = TwoOrgansBackend(_blob(30, 20, 9, 1.0) + _blob(30, 50, 3, 0.5))
     out = SliceInferer(backend).predict(backend.slice)
     assert dice_score(out["logits"][0] > 0, backend.objects["organ"]) == 1.0
+
+
+class LevelsBackend:
+    """Records what SAM is given; the CAM is 1 on the organ (the left half), 0 elsewhere."""
+
+    size = S
+
+    def __init__(self, cfg):
+        self.cfg, self.encoded = cfg, []
+
+    def classify(self, x):
+        cams = torch.zeros(len(x), S, S)
+        cams[:, :, : S // 2] = 1.0
+        return torch.full((len(x),), 0.9), cams
+
+    def encode(self, x):
+        self.encoded.append(x.clone())
+        return torch.zeros(len(x), 1)
+
+    def decode(self, emb, boxes, mask_prompts):
+        return torch.zeros(len(emb), 3, S, S), torch.full((len(emb), 3), 0.9)
+
+
+def _organ_at(levels) -> torch.Tensor:
+    x = torch.full((len(levels), 1, S, S), 0.05)  # what is not organ
+    for i, level in enumerate(levels):
+        x[i, :, :, : S // 2] = level
+    return x
+
+
+def test_sam_sees_an_organ_darker_or_brighter_than_any_it_was_trained_on_shifted_into_range():
+    backend = LevelsBackend(ModelConfig(cls_threshold=0.5, cam_threshold=0.4, organ_levels=(0.3, 0.5)))
+    x = _organ_at([0.17, 0.4, 0.7])
+    SliceInferer(backend).predict(x)
+    (seen,) = backend.encoded
+    organ = seen[:, 0, :, : S // 2].mean((1, 2))
+    assert organ.tolist() == pytest.approx([0.3, 0.4, 0.5])  # into the range, no further
+    assert seen[:, 0, :, S // 2:].mean((1, 2)).tolist() == pytest.approx([0.18, 0.05, 0.0])  # the slice moves as one
+
+
+def test_without_organ_levels_or_with_matching_off_sam_sees_the_slice_as_it_is():
+    x = _organ_at([0.17, 0.7])
+    for cfg in (ModelConfig(cls_threshold=0.5), ModelConfig(cls_threshold=0.5, organ_levels=(0.3, 0.5), match_level=False)):
+        backend = LevelsBackend(cfg)
+        SliceInferer(backend).predict(x)
+        assert torch.equal(backend.encoded[0], x)

@@ -18,7 +18,7 @@ from sammix.errors import SammixError
 from sammix.models.sammix import SamMix
 from sammix.training import train as train_module
 from sammix.training.slices import load_sources
-from sammix.training.train import CAM_THRESHOLDS, gate_threshold, train
+from sammix.training.train import CAM_THRESHOLDS, gate_threshold, organ_levels, train
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,30 @@ def test_the_calibrated_cam_threshold_travels_with_the_weights(trained, tmp_path
     state["model"]["cam_threshold"] = 0.123
     torch.save(state, copy / "best.pt")
     assert SamMix.load(copy, device="cpu").prompter.threshold == 0.123
+
+
+def test_the_labelled_slices_organ_levels_travel_with_the_weights(trained, dataset):
+    run, cache = trained
+    state = torch.load(run / "best.pt", weights_only=False)["model"]
+    labelled = {(row["case"], row["slice"]) for row in json.loads((run / "labeled.json").read_text())}
+    slices = load_sources([dataset], SamMix.load(run, device="cpu").prep, cache, masks=True)
+    rows = [i for i, (case, z) in enumerate(zip(slices.case, slices.slice_index))
+            if (str(case).rpartition("/")[2], int(z)) in labelled]
+    assert len(rows) == len(labelled)
+    assert tuple(state["organ_levels"]) == pytest.approx(organ_levels(slices.images[rows], slices.masks[rows]))
+    assert SamMix.load(run, device="cpu").cfg.organ_levels == pytest.approx(state["organ_levels"])
+
+
+def test_organ_levels_span_the_organ_medians_of_the_labelled_slices():
+    masks = np.zeros((20, 8, 8), np.uint8)
+    masks[:, 2:6, 2:6] = 1
+    masks[0] = 0  # a slice without the organ has no level
+    images = np.zeros((20, 8, 8), np.uint8)
+    for i in range(20):
+        images[i, 2:6, 2:6] = 10 * i  # the organ's level: 10 i / 255
+    low, high = organ_levels(images, masks)
+    assert low == pytest.approx(np.percentile(np.arange(1, 20) * 10 / 255, 5))
+    assert high == pytest.approx(np.percentile(np.arange(1, 20) * 10 / 255, 95))
 
 
 def test_gate_threshold_passes_every_validation_organ_slice_with_a_margin():

@@ -39,7 +39,7 @@ class PrepConfig:
 
 
 # ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
-INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates")
+INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level")
 
 
 @dataclass
@@ -61,11 +61,18 @@ class ModelConfig:
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
     propagate: bool = False  # volumes: prompt each slice with its neighbour's mask box (SliceInferer._propagate)
     prompt_candidates: bool = False  # try every box the CAM could mean, keep SAM's best answer (SliceInferer._choose)
+    # the organ's intensity range in the labelled training slices (training sets it, as the thresholds)
+    organ_levels: tuple[float, float] | None = None
+    match_level: bool = True  # SAM sees a slice whose organ is outside organ_levels shifted into them (SliceInferer.sam_input)
 
-    def with_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None):
-        """This config with the gate and CAM thresholds replaced; None keeps the current one."""
-        given = {"cls_threshold": cls_threshold, "cam_threshold": cam_threshold}
-        return dataclasses.replace(self, **{k: float(v) for k, v in given.items() if v is not None})
+    def calibrated(self, weights: dict):
+        """This config with what training chose on its data (gate and CAM thresholds, organ levels),
+        where `weights` (a run's saved state) holds it."""
+        given = {k: weights.get(k) for k in ("cls_threshold", "cam_threshold")}
+        chosen = {k: float(v) for k, v in given.items() if v is not None}
+        if weights.get("organ_levels") is not None:
+            chosen["organ_levels"] = tuple(float(v) for v in weights["organ_levels"])
+        return dataclasses.replace(self, **chosen)
 
 
 @dataclass

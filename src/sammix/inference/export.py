@@ -168,7 +168,7 @@ def export_model(model, out, key: str | None = None) -> Path:
             "decoder_inputs": dec_names,
             # how the run that was exported uses the graphs (sammix itself reads them from the run):
             "settings": {"window": model.prep.window, "cls_threshold": model.cfg.cls_threshold,
-                         "cam_threshold": model.cfg.cam_threshold,
+                         "cam_threshold": model.cfg.cam_threshold, "organ_levels": model.cfg.organ_levels,
                          "mask_prompt": {"scale": model.prompter.mask_scale, "mode": model.prompter.mask_mode}},
             "max_abs_diff_vs_pytorch": {**diffs, "closed_form_cam_vs_autograd": cam_diff},
             "int8_encoder_relative_error": int8_error,
@@ -255,7 +255,7 @@ class ExportedRun:
     device = torch.device("cpu")
 
     def __init__(self, cfg, weights: dict, onnx_dir: Path):
-        self.cfg = cfg.model.with_thresholds(weights.get("cls_threshold"), weights.get("cam_threshold"))
+        self.cfg = cfg.model.calibrated(weights)
         self.prep = cfg.prep
         self.onnx_dir = Path(onnx_dir)
 

@@ -97,6 +97,7 @@ def _model_info(inferer: SliceInferer, run) -> dict:
     engine, cfg = inferer.backend, inferer.cfg
     return {"run": None if run is None else str(run), "backbone": cfg.backbone, "classifier": cfg.classifier,
             "cls_threshold": cfg.cls_threshold, "cam_threshold": cfg.cam_threshold,
+            "organ_levels": inferer.levels,
             "engine": engine.describe(), "precision": engine.precision, "backend": engine.backend}
 
 

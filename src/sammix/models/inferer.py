@@ -31,6 +31,7 @@ PROPAGATE_END_SCORE = 0.4  # SAM's predicted IoU below which any slice ends the 
 PROPAGATE_END_PROB = 0.5
 PROPAGATE_END_GROWTH = 1.2
 CANDIDATES_PER_THRESHOLD = 3  # prompt candidates: CAM components tried at each threshold
+LEVEL_CAM = 0.5  # the organ's level in a slice: the median intensity where its CAM is at least this
 
 
 class Backend(Protocol):
@@ -84,6 +85,7 @@ class SliceInferer:
         self.size = int(backend.size)
         self.full_box = self.cfg.prompt == "full_box"  # SAM-PP baselines: whole-image box, no classifier
         self.prompter = CamPrompts(self.cfg.cam_threshold, mask_mode=self.cfg.mask_prompt)
+        self.levels = self.cfg.organ_levels if self.cfg.match_level else None
         self.times: dict[str, float] = defaultdict(float)
 
     def _whole_box(self, n: int) -> torch.Tensor:
@@ -110,11 +112,26 @@ class SliceInferer:
             else:
                 boxes, mask_prompts = self.prompter.prompts(cams)
         self.times["prompts"] += time.perf_counter() - start
-        emb = self.backend.encode(x.float().contiguous())
+        emb = self.backend.encode(self.sam_input(x, cams))
         if self.cfg.prompt_candidates and cams is not None and mask_prompts is None and not self.full_box:
             return self._choose(x, emb, cams)
         logits, scores = best_of_three(*self.backend.decode(emb, boxes.float(), mask_prompts))
         return logits, scores, boxes
+
+    def sam_input(self, x: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
+        """What SAM sees of slices (P,1,S,S): with organ levels (`ModelConfig.organ_levels`, from
+        the labelled slices), a slice whose organ (the median under its CAM core, LEVEL_CAM) is
+        darker or brighter than any level SAM was trained on is shifted into that range, no further.
+        A scan without contrast agent, whose liver is 50 HU darker than a portal-venous one, is
+        the case (docs/results.md); the classifier always sees the slice as it is."""
+        x = x.float()
+        if self.levels is None or cams is None:
+            return x.contiguous()
+        core = cams >= LEVEL_CAM
+        level = torch.stack([x[i, 0][core[i]].median() if core[i].any() else x.new_tensor(self.levels[0])
+                             for i in range(len(x))])
+        shift = level.clamp(*self.levels) - level
+        return (x + shift.view(-1, 1, 1, 1)).clamp(0, 1).contiguous()
 
     def _choose(self, x: torch.Tensor, emb: torch.Tensor, cams: torch.Tensor):
         """`segment` with prompt candidates (`ModelConfig.prompt_candidates`): for each slice, SAM
@@ -251,7 +268,7 @@ class SliceInferer:
                 progress.update(1)
 
         def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
-            emb = self.backend.encode(x[i:i + 1].float().contiguous())
+            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
             out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
                                                      torch.from_numpy(np.stack(boxes)).float(), None))
             seen(i)

@@ -119,12 +119,13 @@ class SamMix(nn.Module):
                                      f"not {expected.get('file')}")
         self.classifier.load_state_dict(state["classifier"])
         load_trainable_state_dict(self.sam, state["sam"])
-        # the gate and CAM thresholds chosen on validation cases (train.Trainer), where present
-        self.set_thresholds(state.get("cls_threshold"), state.get("cam_threshold"))
+        # the gate and CAM thresholds and the organ levels training chose (train.Trainer), where present
+        self.cfg = self.cfg.calibrated(state)
+        self.prompter.threshold = self.cfg.cam_threshold
 
     def set_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None) -> None:
         """Set the gate (classifier) and CAM thresholds; None keeps the current one."""
-        self.cfg = self.cfg.with_thresholds(cls_threshold, cam_threshold)
+        self.cfg = self.cfg.calibrated({"cls_threshold": cls_threshold, "cam_threshold": cam_threshold})
         self.prompter.threshold = self.cfg.cam_threshold
 
     @classmethod

@@ -35,6 +35,7 @@ from sammix.training.slices import SliceSet, load_sources, load_training_sources
 
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
 GATE_MARGIN = 1.0  # logits; see gate_threshold
+ORGAN_LEVEL_PERCENTILES = (5, 95)  # of the labelled slices' organ levels: the range SAM was trained on
 
 
 def gate_threshold(present_probs: np.ndarray) -> float:
@@ -44,6 +45,13 @@ def gate_threshold(present_probs: np.ndarray) -> float:
     an unsure one a low gate (no organ slice is lost to it)."""
     p = float(np.clip(np.min(present_probs), 1e-6, 1 - 1e-6))
     return float(1.0 / (1.0 + np.exp(GATE_MARGIN - np.log(p / (1.0 - p)))))
+
+
+def organ_levels(images: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+    """The range of the organ's level (median intensity in [0, 1]) over slices (N,S,S) uint8 with
+    their masks, from percentile ORGAN_LEVEL_PERCENTILES[0] to [1] (`SliceInferer.sam_input`)."""
+    levels = [np.median(image[mask > 0]) / 255.0 for image, mask in zip(images, masks) if (mask > 0).any()]
+    return tuple(float(np.percentile(levels, q)) for q in ORGAN_LEVEL_PERCENTILES)
 
 
 def _batches(indices: np.ndarray, size: int):
@@ -405,8 +413,9 @@ class Trainer(EpochTrainer):
     def calibrate(self) -> None:
         """Complete the best weights' thresholds, once, and store them with the weights (best.pt,
         which `SamMix.load` applies): the gate (`gate_threshold`, for weights saved before it was
-        set each epoch) and the CAM threshold, by Dice on every organ-present validation slice
-        (gate included, as at test time; the encoder runs once per slice)."""
+        set each epoch), the organ levels of the labelled slices (`organ_levels`) and the CAM
+        threshold, by Dice on every organ-present validation slice (gate included, as at test
+        time; the encoder runs once per slice)."""
         t, best_path = self.cfg.train, self.out.best
         present = np.array([i for i in self.val_idx if self.data.labels[i]], dtype=int)
         if self.cfg.model.prompt != "cam" or not len(present) or not best_path.is_file():
@@ -418,6 +427,10 @@ class Trainer(EpochTrainer):
         if t.calibrate_gate and "cls_threshold" not in weights:
             weights["cls_threshold"] = row["gate_threshold"] = gate_threshold(self._probs(present))
             self.model.set_thresholds(cls_threshold=weights["cls_threshold"])
+        if "organ_levels" not in weights and len(self.labeled):
+            weights["organ_levels"] = row["organ_levels"] = organ_levels(self.data.images[self.labeled],
+                                                                         self.data.masks[self.labeled])
+            self.model.cfg = self.model.cfg.calibrated(weights)
         scored = present[self.data.has_mask[present]]
         if t.calibrate_cam and "cam_threshold" not in weights and len(scored):
             dices = self._dice_by_cam_threshold(scored)
