@@ -265,3 +265,11 @@ def test_without_organ_levels_or_with_matching_off_sam_sees_the_slice_as_it_is()
         backend = LevelsBackend(cfg)
         SliceInferer(backend).predict(x)
         assert torch.equal(backend.encoded[0], x)
+
+
+def test_the_organ_level_is_read_from_tissue_not_from_fat_under_the_cam():
+    backend = LevelsBackend(ModelConfig(cls_threshold=0.5, organ_levels=(0.3, 0.5)))
+    x = _organ_at([0.4])
+    x[0, :, S // 3:, : S // 2] = 0.0  # two thirds of the CAM's core on fat (0 under a CT window)
+    SliceInferer(backend).predict(x)
+    assert torch.equal(backend.encoded[0], x)  # the organ is at 0.4, inside the levels: no shift

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sammix.config import ModelConfig
-from sammix.models.cam import CamPrompts, candidate_boxes
+from sammix.models.cam import TISSUE_LEVEL, CamPrompts, candidate_boxes
 from sammix.masks import dice_score, expand_box, mask_to_box
 
 # --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
@@ -120,14 +120,15 @@ class SliceInferer:
 
     def sam_input(self, x: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
         """What SAM sees of slices (P,1,S,S): with organ levels (`ModelConfig.organ_levels`, from
-        the labelled slices), a slice whose organ (the median under its CAM core, LEVEL_CAM) is
-        darker or brighter than any level SAM was trained on is shifted into that range, no further.
+        the labelled slices), a slice whose organ (the median of the tissue under its CAM core,
+        LEVEL_CAM) is darker or brighter than the levels SAM was trained on is shifted into that
+        range, no further.
         A scan without contrast agent, whose liver is 50 HU darker than a portal-venous one, is
         the case (docs/results.md); the classifier always sees the slice as it is."""
         x = x.float()
         if self.levels is None or cams is None:
             return x.contiguous()
-        core = cams >= LEVEL_CAM
+        core = (cams >= LEVEL_CAM) & (x[:, 0] >= TISSUE_LEVEL)  # the organ is tissue: fat at 0 is not its level
         level = torch.stack([x[i, 0][core[i]].median() if core[i].any() else x.new_tensor(self.levels[0])
                              for i in range(len(x))])
         shift = level.clamp(*self.levels) - level
