@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from sammix.cli import main
-from sammix.config import ModelConfig
+from sammix.config import ModelConfig, PrepConfig
 from sammix.data.io import Volume, read_volume
 from sammix.data.preprocess import resize_mask, to_square
 from sammix.data.synthetic import reorient, synthetic_ct, write_dicom_series
@@ -89,6 +89,13 @@ class GroundTruthBackend:
 
     size = 256
     cfg = ModelConfig()
+    # what predict_volume's record reads of an engine
+    model = SamMix.__new__(SamMix)
+    model.prep = PrepConfig()
+    device, precision, backend = torch.device("cpu"), "fp32", "ground truth"
+
+    def describe(self) -> str:
+        return "the ground truth"
 
     def __init__(self, volume: Volume, mask_stored: np.ndarray, window, spacing_rc=None):
         axial, gt = volume.axial(), volume.to_axial(mask_stored)
@@ -120,13 +127,12 @@ def _gt_inferer(volume, gt_stored, spacing_rc=None):
 
 
 def _through_the_pipeline(volume: Volume, gt_stored: np.ndarray, batch_size: int) -> np.ndarray:
-    """Slices padded to a square field of view in mm (the volume's in-plane spacing) and back."""
-    in_plane = volume.in_plane_spacing()
-    inferer, _ = _gt_inferer(volume, gt_stored, in_plane)
-    mask_axial, facts = predict_axial(inferer, volume.axial(), (40.0, 400.0), batch_size=batch_size,
-                                      spacing_rc=in_plane)
-    stored, _ = mask_to_stored(volume, mask_axial, cleanup=True)
-    assert facts["present"].sum() == volume.to_axial(gt_stored).any(axis=(1, 2)).sum()
+    """`predict_volume`: slices padded to a square field of view in mm (the volume's in-plane
+    spacing) and back to the stored grid."""
+    inferer, _ = _gt_inferer(volume, gt_stored, volume.in_plane_spacing())
+    stored, record = predict_volume(inferer, volume, window=(40.0, 400.0), batch_size=batch_size)
+    assert record["slices_classified_present"] == volume.to_axial(gt_stored).any(axis=(1, 2)).sum()
+    assert record["organ_voxels"] == int((stored > 0).sum())
     return stored
 
 

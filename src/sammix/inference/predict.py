@@ -124,6 +124,7 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
     start = time.perf_counter()
     axial = volume.axial()
     times["reorient"] = time.perf_counter() - start
+    spacing = volume.axial_spacing()
     mask, facts = predict_axial(inferer, axial, window, batch_size, gate, progress, times, slice_step,
                                 spacing_rc=volume.in_plane_spacing())
     stored, mask = mask_to_stored(volume, mask, cleanup, times)
