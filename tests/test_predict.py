@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -90,8 +91,7 @@ class GroundTruthBackend:
     size = 256
     cfg = ModelConfig()
     # what predict_volume's record reads of an engine
-    model = SamMix.__new__(SamMix)
-    model.prep = PrepConfig()
+    model = SimpleNamespace(prep=PrepConfig())
     device, precision, backend = torch.device("cpu"), "fp32", "ground truth"
 
     def describe(self) -> str:

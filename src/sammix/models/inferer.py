@@ -129,9 +129,8 @@ class SliceInferer:
         if self.levels is None or cams is None:
             return x.contiguous()
         core = (cams >= LEVEL_CAM) & (x[:, 0] >= TISSUE_LEVEL)  # the organ is tissue: fat at 0 is not its level
-        level = torch.stack([x[i, 0][core[i]].median() if core[i].any() else x.new_tensor(self.levels[0])
-                             for i in range(len(x))])
-        shift = level.clamp(*self.levels) - level
+        level = torch.where(core, x[:, 0], float("nan")).flatten(1).nanmedian(dim=1).values
+        shift = torch.nan_to_num(level.clamp(*self.levels) - level)  # no core: no level, no shift
         return (x + shift.view(-1, 1, 1, 1)).clamp(0, 1).contiguous()
 
     def _choose(self, x: torch.Tensor, emb: torch.Tensor, cams: torch.Tensor):

@@ -119,14 +119,17 @@ class SamMix(nn.Module):
                                      f"not {expected.get('file')}")
         self.classifier.load_state_dict(state["classifier"])
         load_trainable_state_dict(self.sam, state["sam"])
-        # the gate and CAM thresholds and the organ levels training chose (train.Trainer), where present
-        self.cfg = self.cfg.calibrated(state)
+        self.apply_calibration(state)
+
+    def apply_calibration(self, chosen: dict) -> None:
+        """Take what training chose on its data (`ModelConfig.calibrated`: the gate and CAM
+        thresholds, the organ levels), where `chosen` (a run's saved state) holds it."""
+        self.cfg = self.cfg.calibrated(chosen)
         self.prompter.threshold = self.cfg.cam_threshold
 
     def set_thresholds(self, cls_threshold: float | None = None, cam_threshold: float | None = None) -> None:
         """Set the gate (classifier) and CAM thresholds; None keeps the current one."""
-        self.cfg = self.cfg.calibrated({"cls_threshold": cls_threshold, "cam_threshold": cam_threshold})
-        self.prompter.threshold = self.cfg.cam_threshold
+        self.apply_calibration({"cls_threshold": cls_threshold, "cam_threshold": cam_threshold})
 
     @classmethod
     def load(cls, run: Path | str, device: str = "auto", weights: str = RunFolder.BEST) -> "SamMix":

@@ -430,7 +430,7 @@ class Trainer(EpochTrainer):
         if "organ_levels" not in weights and len(self.labeled):
             weights["organ_levels"] = row["organ_levels"] = organ_levels(self.data.images[self.labeled],
                                                                          self.data.masks[self.labeled])
-            self.model.cfg = self.model.cfg.calibrated(weights)
+            self.model.apply_calibration(weights)
         scored = present[self.data.has_mask[present]]
         if t.calibrate_cam and "cam_threshold" not in weights and len(scored):
             dices = self._dice_by_cam_threshold(scored)
