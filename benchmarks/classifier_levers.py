@@ -39,6 +39,7 @@ LEVERS = {  # name -> --set overrides of the run's config
     "mean": ["model.cls_pool_sharpness=0"],  # the logit map's mean: global average pooling, as in the paper
     "lse1": ["model.cls_pool_sharpness=1"],
     "lse4": ["model.cls_pool_sharpness=4"],
+    "bce": ["train.cls_focal_gamma=0"],  # plain binary cross-entropy instead of the focal loss
 }
 SAM_LEVER, SAM_SEED = "camgood", 0
 

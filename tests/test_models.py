@@ -269,6 +269,12 @@ def test_focal_loss_matches_the_formula():
     assert classification_loss(torch.tensor([4.0]), torch.tensor([1])) < classification_loss(
         torch.tensor([-4.0]), torch.tensor([1])
     )
+    # gamma 0 (train.cls_focal_gamma=0) is plain binary cross-entropy: a slice it already calls
+    # right at p = 0.7 still costs, where the focal loss all but ignores it
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    assert classification_loss(logits, labels, gamma=0.0).item() == pytest.approx(bce.item(), rel=1e-5)
+    half_right = (torch.tensor([0.85]), torch.tensor([1]))
+    assert classification_loss(*half_right, gamma=0.0) > 5 * classification_loss(*half_right)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ class TrainConfig:
     pseudo_min_box_iou: float = 0.7  # the CAM's box against the mask's box
     pseudo_min_neighbour_dice: float = 0.8  # volumes: against the answers on the adjacent slices
     cam_align_weight: float = 1.0  # CAM-alignment loss on slices whose mask is known (the k, and crops)
+    # the classifier's focal loss exponent (0: plain binary cross-entropy); focal loss stops pushing
+    # slices it already calls right, so organ-free slices of another scanner can sit near 0.5
+    cls_focal_gamma: float = 2.0
     crop_fraction: float = 0.3  # share of classifier samples that are crops of the k labelled slices
     calibrate_cam: bool = True  # after training, pick the CAM threshold by validation Dice
     calibrate_gate: bool = True  # each epoch, set the gate to pass every organ-present validation slice

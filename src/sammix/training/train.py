@@ -318,7 +318,7 @@ class Trainer(EpochTrainer):
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
-            loss = classification_loss(self.model.classifier.pool(z), y)
+            loss = classification_loss(self.model.classifier.pool(z), y, gamma=t.cls_focal_gamma)
             if known.any() and t.cam_align_weight > 0:
                 target = (F.adaptive_avg_pool2d(m, z.shape[-2:])[:, 0] > 0.3).float()
                 loss = loss + t.cam_align_weight * F.binary_cross_entropy_with_logits(z[known], target[known])
