@@ -116,6 +116,13 @@ def test_the_labelled_slices_organ_levels_travel_with_the_weights(trained, datas
     assert SamMix.load(run, device="cpu").cfg.organ_levels == pytest.approx(state["organ_levels"])
 
 
+def test_validation_sees_sams_input_at_the_organ_levels_from_the_start(dataset, tmp_path):
+    trainer = train_module.Trainer(tiny_config(dataset), tmp_path / "run", cache_dir=tmp_path / "cache")
+    expected = organ_levels(trainer.data.images[trainer.labeled], trainer.data.masks[trainer.labeled])
+    assert trainer.model.cfg.organ_levels == pytest.approx(expected)  # before any epoch: validation shifts too
+    assert trainer.best_weights()["organ_levels"] == pytest.approx(expected)  # each best.pt carries them
+
+
 def test_organ_levels_span_the_organ_medians_of_the_labelled_slices():
     masks = np.zeros((20, 8, 8), np.uint8)
     masks[:, 2:6, 2:6] = 1

@@ -3,7 +3,8 @@
 A run folder holds everything needed to trust and reuse the run: config.yaml (resolved),
 split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and validation per
 epoch), last.pt (resume point) and best.pt (best validation score, see `Trainer.validate`; with the
-gate and CAM thresholds chosen on validation; what `SamMix.load` reads). With self-training
+gate and CAM thresholds chosen on validation and the labelled slices' organ levels; what
+`SamMix.load` reads). With self-training
 (`TrainConfig.self_train_rounds`), pseudo-N.pt holds round N's kept pseudo-labels.
 """
 
@@ -161,6 +162,9 @@ class Trainer(EpochTrainer):
         self.cls_pool = self.cls_pool.subset(self.cls_pool.known)
         self.rng = np.random.default_rng(t.seed)
         self.model = SamMix(cfg.model, cfg.prep).to(self.device)
+        if len(self.labeled):  # validation, calibration and pseudo-labels see SAM's input as inference does
+            self.model.apply_calibration({"organ_levels": organ_levels(self.data.images[self.labeled],
+                                                                       self.data.masks[self.labeled])})
         self.opt_cls = torch.optim.AdamW(self.model.classifier.parameters(), lr=t.lr_classifier,
                                          weight_decay=t.weight_decay)
         self.opt_sam = torch.optim.AdamW([p for p in self.model.sam.parameters() if p.requires_grad],
@@ -185,7 +189,9 @@ class Trainer(EpochTrainer):
         self.model.load_trained_state(state, self.out.last)
 
     def best_weights(self) -> dict:
-        return {**self.model.trained_state(), "cls_threshold": self.model.cfg.cls_threshold}
+        cfg = self.model.cfg
+        return {**self.model.trained_state(), "cls_threshold": cfg.cls_threshold,
+                **({"organ_levels": cfg.organ_levels} if cfg.organ_levels is not None else {})}
 
     def optimizers(self) -> dict:
         return {"opt_cls": self.opt_cls, "opt_sam": self.opt_sam, "sched_cls": self.sched_cls}
@@ -412,10 +418,10 @@ class Trainer(EpochTrainer):
     @torch.no_grad()
     def calibrate(self) -> None:
         """Complete the best weights' thresholds, once, and store them with the weights (best.pt,
-        which `SamMix.load` applies): the gate (`gate_threshold`, for weights saved before it was
-        set each epoch), the organ levels of the labelled slices (`organ_levels`) and the CAM
-        threshold, by Dice on every organ-present validation slice (gate included, as at test
-        time; the encoder runs once per slice)."""
+        which `SamMix.load` applies): the gate (`gate_threshold`) and the labelled slices' organ
+        levels (`organ_levels`), for weights saved before they were stored each epoch, and the CAM
+        threshold, by Dice on every organ-present validation slice (gate and organ levels
+        included, as at test time; the encoder runs once per slice)."""
         t, best_path = self.cfg.train, self.out.best
         present = np.array([i for i in self.val_idx if self.data.labels[i]], dtype=int)
         if self.cfg.model.prompt != "cam" or not len(present) or not best_path.is_file():
@@ -427,10 +433,8 @@ class Trainer(EpochTrainer):
         if t.calibrate_gate and "cls_threshold" not in weights:
             weights["cls_threshold"] = row["gate_threshold"] = gate_threshold(self._probs(present))
             self.model.set_thresholds(cls_threshold=weights["cls_threshold"])
-        if "organ_levels" not in weights and len(self.labeled):
-            weights["organ_levels"] = row["organ_levels"] = organ_levels(self.data.images[self.labeled],
-                                                                         self.data.masks[self.labeled])
-            self.model.apply_calibration(weights)
+        if "organ_levels" not in weights and self.model.cfg.organ_levels is not None:  # weights saved before they were
+            weights["organ_levels"] = row["organ_levels"] = self.model.cfg.organ_levels
         scored = present[self.data.has_mask[present]]
         if t.calibrate_cam and "cam_threshold" not in weights and len(scored):
             dices = self._dice_by_cam_threshold(scored)
@@ -452,8 +456,8 @@ class Trainer(EpochTrainer):
             x = _to_tensor(self.data.images[idx], self.device)
             logits, cams = self.model.prompter.compute(x)
             gate = (torch.sigmoid(logits.float()) >= self.model.cfg.cls_threshold).cpu().numpy()
-            with self._autocast():
-                emb = self.model.sam.encode(x)
+            with self._autocast():  # SAM sees the slice as at inference (the organ levels, `sam_input`)
+                emb = self.model.sam.encode(SliceInferer(self.model).sam_input(x, cams.float()))
             for thr in CAM_THRESHOLDS:
                 boxes = torch.from_numpy(np.stack([cam_to_box(c, thr) for c in cams.float().cpu().numpy()]))
                 with self._autocast():
