@@ -73,8 +73,12 @@ class CachedBackend:
     are the model's."""
 
     def __init__(self, model, embeddings: dict):
+        from dataclasses import replace
+
         self.model, self.embeddings = model, embeddings
-        self.cfg, self.size = model.cfg, model.size
+        # the embeddings are of the slices as stored, so SAM's input is never shifted to the organ
+        # levels here (`SliceInferer.sam_input`); the proxies compare levers, all without it
+        self.cfg, self.size = replace(model.cfg, match_level=False), model.size
 
     def classify(self, x):
         return self.model.classify(x)
