@@ -189,9 +189,8 @@ class Trainer(EpochTrainer):
         self.model.load_trained_state(state, self.out.last)
 
     def best_weights(self) -> dict:
-        cfg = self.model.cfg
-        return {**self.model.trained_state(), "cls_threshold": cfg.cls_threshold,
-                **({"organ_levels": cfg.organ_levels} if cfg.organ_levels is not None else {})}
+        cfg = self.model.cfg  # organ_levels None (no labelled slice) is ignored by `ModelConfig.calibrated`
+        return {**self.model.trained_state(), "cls_threshold": cfg.cls_threshold, "organ_levels": cfg.organ_levels}
 
     def optimizers(self) -> dict:
         return {"opt_cls": self.opt_cls, "opt_sam": self.opt_sam, "sched_cls": self.sched_cls}
@@ -433,7 +432,7 @@ class Trainer(EpochTrainer):
         if t.calibrate_gate and "cls_threshold" not in weights:
             weights["cls_threshold"] = row["gate_threshold"] = gate_threshold(self._probs(present))
             self.model.set_thresholds(cls_threshold=weights["cls_threshold"])
-        if "organ_levels" not in weights and self.model.cfg.organ_levels is not None:  # weights saved before they were
+        if weights.get("organ_levels") is None and self.model.cfg.organ_levels is not None:  # weights saved before they were
             weights["organ_levels"] = row["organ_levels"] = self.model.cfg.organ_levels
         scored = present[self.data.has_mask[present]]
         if t.calibrate_cam and "cam_threshold" not in weights and len(scored):
@@ -452,12 +451,13 @@ class Trainer(EpochTrainer):
     def _dice_by_cam_threshold(self, indices: np.ndarray) -> dict[float, list[float]]:
         t = self.cfg.train
         dices = {thr: [] for thr in CAM_THRESHOLDS}
+        inferer = SliceInferer(self.model)  # SAM sees the slice as at inference (the organ levels, `sam_input`)
         for idx in _batches(indices, t.batch_size * 2):
             x = _to_tensor(self.data.images[idx], self.device)
             logits, cams = self.model.prompter.compute(x)
             gate = (torch.sigmoid(logits.float()) >= self.model.cfg.cls_threshold).cpu().numpy()
-            with self._autocast():  # SAM sees the slice as at inference (the organ levels, `sam_input`)
-                emb = self.model.sam.encode(SliceInferer(self.model).sam_input(x, cams.float()))
+            with self._autocast():
+                emb = self.model.sam.encode(inferer.sam_input(x, cams.float()))
             for thr in CAM_THRESHOLDS:
                 boxes = torch.from_numpy(np.stack([cam_to_box(c, thr) for c in cams.float().cpu().numpy()]))
                 with self._autocast():
