@@ -278,6 +278,20 @@ def unlabeled(dataset, tmp_path_factory):
     return folder
 
 
+def test_a_self_training_round_starts_from_the_best_weights_not_the_last(dataset, unlabeled, tmp_path, monkeypatch):
+    cfg = self_training_config(dataset, unlabeled)
+    cfg.train.epochs = 2
+    # validation prefers the first epoch; the classifier moves in the second and stays fixed in self-training
+    monkeypatch.setattr(train_module.Trainer, "score", lambda self, losses, val: -self.epoch)
+    run = tmp_path / "run"
+    train(cfg, run, cache_dir=tmp_path / "cache")
+    best = torch.load(run / "best.pt", weights_only=False)
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert best["epoch"] == 1 and last["epoch"] == 3
+    moved = [k for k, v in best["model"]["classifier"].items() if v.is_floating_point()]
+    assert moved and all(torch.equal(last["model"]["classifier"][k], best["model"]["classifier"][k]) for k in moved)
+
+
 def test_self_training_trains_sam_on_the_kept_answers_and_resumes_inside_a_round(dataset, unlabeled, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     run = tmp_path / "run"

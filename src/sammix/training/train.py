@@ -215,13 +215,17 @@ class Trainer(EpochTrainer):
 
     def before_epoch(self, epoch: int) -> None:
         """At each self-training round (and on resuming inside one): the round's pseudo-labels,
-        computed once by the main rank with the model as it stands and kept in the run folder."""
+        computed once by the main rank with the best weights so far and kept in the run folder."""
         t = self.cfg.train
         if not self._self_training(epoch):
             return
         r = (epoch - t.epochs - 1) // t.self_train_epochs
         if r == self.pseudo_round:
             return
+        if (epoch - t.epochs - 1) % t.self_train_epochs == 0 and self.out.best.exists():
+            # a round starts from the best weights so far (and their gate), not the last epoch's:
+            # with few labelled slices, later epochs can lose on validation what earlier ones had
+            self.model.load_trained_state(self.out.load_weights(RunFolder.BEST)["model"], self.out.best)
         path = self.out / f"pseudo-{r + 1}.pt"
         pool = self._unlabelled_pool()
         if self.main and not path.exists():
