@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sammix.training.pseudo import answer_checks, confident
+from sammix.training.pseudo import answer_checks, confident, score_bar
 
 
 def disc(cy, cx, r, size=64):
@@ -50,3 +50,16 @@ def test_neighbours_are_looked_up_within_the_same_case_only():
     boxes = np.array([box_of(m) for m in masks], dtype=np.float32)
     checks = answer_checks(lambda j: masks[j], np.ones(2), boxes, ["a", "b"], [4, 5], [9, 9])
     assert np.isnan(checks["neighbour_dice"]).all()
+
+
+def test_the_score_bar_follows_sams_scale_only_downwards():
+    """An IoU head that scores every validation answer about 0.79 (an early best epoch): the bar
+    drops to its median there, so its surest answers can still be kept; a head that scores higher
+    than the bar leaves it where it was; without validation answers the bar is the fixed one."""
+    assert score_bar(0.9, 0.79) == 0.79
+    assert score_bar(0.9, 0.93) == 0.9
+    assert score_bar(0.9, float("nan")) == 0.9
+    scores = np.array([0.77, 0.78, 0.80, 0.81])
+    kept = confident({"sam_iou": scores, "box_iou": np.ones(4), "neighbour_dice": np.full(4, np.nan)},
+                     score_bar(0.9, 0.79), 0.7, 0.8)
+    assert kept.tolist() == [False, False, True, True]

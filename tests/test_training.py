@@ -307,6 +307,7 @@ def test_self_training_trains_sam_on_the_kept_answers_and_resumes_inside_a_round
     train_slices = data.indices_for(json.loads((run / "split.json").read_text())["train"])
     assert round_row["pool"] == int(data.labels[train_slices].sum()) - 2 + 24
     assert 0 < round_row["kept"] <= round_row["answered"] <= round_row["pool"]
+    assert round_row["min_score"] <= 0.0  # the configured bar, or SAM's validation median where lower
     assert second["sam_slices"] == 2 + round_row["kept"]  # SAM's samples are drawn from these
     pseudo = torch.load(run / "pseudo-1.pt", weights_only=False)
     assert len(pseudo["index"]) == round_row["kept"] and pseudo["masks"].shape[0] == round_row["kept"]

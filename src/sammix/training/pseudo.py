@@ -53,6 +53,14 @@ def confident(checks: dict, min_score: float, min_box_iou: float, min_neighbour_
             & (np.isnan(neighbour) | (neighbour >= min_neighbour_dice)))
 
 
+def score_bar(min_score: float, validation_score: float) -> float:
+    """The predicted IoU an answer must reach to be kept: `min_score`, or SAM's median predicted
+    IoU on the validation organ slices where that is lower. SAM's IoU head runs on its own scale:
+    the best epoch of a SAM-Mix-5 run can come early, before the head has learnt to say 0.9 of
+    anything (docs/results.md), and a fixed bar then keeps no answer at all."""
+    return float(min_score) if not np.isfinite(validation_score) else float(min(min_score, validation_score))
+
+
 @torch.no_grad()
 def pseudo_label(inferer, images: np.ndarray, case, z, depth, t, batch: int = 8, desc: str | None = None) -> dict:
     """SAM-Mix's answers on slices without masks (images (N,S,S) uint8), through the one

@@ -10,6 +10,7 @@ gate and CAM thresholds chosen on validation and the labelled slices' organ leve
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from sammix.training import distributed
 from sammix.training.augment import augment
 from sammix.training.loop import EpochTrainer
 from sammix.training.losses import segmentation_loss
-from sammix.training.pseudo import pseudo_label
+from sammix.training.pseudo import pseudo_label, score_bar
 from sammix.training.slices import SliceSet, load_sources, load_training_sources
 
 CAM_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)  # tried by `Trainer.calibrate`
@@ -230,13 +231,15 @@ class Trainer(EpochTrainer):
         pool = self._unlabelled_pool()
         if self.main and not path.exists():
             self.model.eval()
-            found = pseudo_label(SliceInferer(self.model), pool.images, pool.case, pool.slice_index, pool.depth, t,
+            bar = score_bar(t.pseudo_min_score, self.validate().get("val_sam_iou", float("nan")))
+            found = pseudo_label(SliceInferer(self.model), pool.images, pool.case, pool.slice_index, pool.depth,
+                                 replace(t, pseudo_min_score=bar),
                                  desc=f"self-training round {r + 1}/{t.self_train_rounds}: label")
             keep = found["keep"]
             self.out.save({"index": found["index"][keep], "masks": np.packbits(found["masks"][keep], axis=-1),
-                           "answered": len(found["index"]), "pool": len(pool)}, path.name)
+                           "answered": len(found["index"]), "pool": len(pool), "min_score": bar}, path.name)
             self.out.append_log({"self_training_round": r + 1, "pool": len(pool), "answered": len(found["index"]),
-                                 "kept": int(keep.sum())})
+                                 "kept": int(keep.sum()), "min_score": bar})
             tqdm.write(f"self-training round {r + 1}: {int(keep.sum())} of {len(found['index'])} answers kept "
                        f"({len(pool)} slices without a mask)")
         distributed.barrier()
@@ -399,7 +402,7 @@ class Trainer(EpochTrainer):
         self.model.set_thresholds(cls_threshold=gate)
         passed = probs >= gate
         called = dict(zip(self.val_idx, passed))
-        dices, ious = [], []
+        dices, ious, scores = [], [], []
         labelled = [i for i in self.val_idx if self.data.has_mask[i]]
         keep = spread([i for i in labelled if self.data.labels[i]])
         rejected = [float(not called[i]) for i in spread([i for i in labelled if not self.data.labels[i]])]
@@ -409,9 +412,12 @@ class Trainer(EpochTrainer):
                 gt = self.data.masks[i] > 0
                 dices.append(dice_score(out["masks"][j].numpy(), gt))
                 ious.append(box_iou(out["boxes"][j].numpy(), mask_to_box(gt)) if out["present"][j] else 0.0)
+                if out["present"][j]:
+                    scores.append(float(out["scores"][j]))
         result = {"val_cls_accuracy": float(np.mean(passed == labels)), "val_gate_threshold": gate,
                   "val_dice": float(np.mean(dices)) if dices else float("nan"),
-                  "val_cam_box_iou": float(np.mean(ious)) if ious else float("nan"), "val_slices_scored": len(dices)}
+                  "val_cam_box_iou": float(np.mean(ious)) if ious else float("nan"), "val_slices_scored": len(dices),
+                  "val_sam_iou": float(np.median(scores)) if scores else float("nan")}  # SAM's own (median) predicted IoU
         if rejected:
             result["val_organ_free_rejected"] = float(np.mean(rejected))
             result["val_organ_free_scored"] = len(rejected)
