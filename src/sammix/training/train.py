@@ -384,7 +384,8 @@ class Trainer(EpochTrainer):
     def validate(self) -> dict:
         """Set the gate to pass every organ-present validation slice (`gate_threshold`, unless
         `calibrate_gate` is off); then, at that gate: classifier accuracy on every validation
-        slice; Dice and CAM-box IoU on (at most `val_max_slices`) organ-present validation slices;
+        slice; Dice, CAM-box IoU and SAM's median predicted IoU (`val_sam_iou`, self-training's
+        score bar) on (at most `val_max_slices`) organ-present validation slices;
         and, where validation cases have organ-free slices (volumes), the share of (at most
         `val_max_slices`) of them the gate rejects. `val_score`, which picks the best checkpoint,
         averages the Dice of the organ slices with 1 per rejected and 0 per passed organ-free slice (an organ-free slice scores
