@@ -32,6 +32,7 @@ import hashlib
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,6 @@ class CachedBackend:
     are the model's."""
 
     def __init__(self, model, embeddings: dict):
-        from dataclasses import replace
-
         self.model, self.embeddings = model, embeddings
         # the embeddings are of the slices as stored, so SAM's input is never shifted to the organ
         # levels here (`SliceInferer.sam_input`); the proxies compare levers, all without it

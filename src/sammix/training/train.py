@@ -220,10 +220,10 @@ class Trainer(EpochTrainer):
         t = self.cfg.train
         if not self._self_training(epoch):
             return
-        r = (epoch - t.epochs - 1) // t.self_train_epochs
+        r, epoch_in_round = divmod(epoch - t.epochs - 1, t.self_train_epochs)
         if r == self.pseudo_round:
             return
-        if (epoch - t.epochs - 1) % t.self_train_epochs == 0 and self.out.best.exists():
+        if epoch_in_round == 0 and self.out.best.exists():
             # a round starts from the best weights so far (and their gate), not the last epoch's:
             # with few labelled slices, later epochs can lose on validation what earlier ones had
             self.model.load_trained_state(self.out.load_weights(RunFolder.BEST)["model"], self.out.best)
@@ -418,7 +418,7 @@ class Trainer(EpochTrainer):
         result = {"val_cls_accuracy": float(np.mean(passed == labels)), "val_gate_threshold": gate,
                   "val_dice": float(np.mean(dices)) if dices else float("nan"),
                   "val_cam_box_iou": float(np.mean(ious)) if ious else float("nan"), "val_slices_scored": len(dices),
-                  "val_sam_iou": float(np.median(scores)) if scores else float("nan")}  # SAM's own (median) predicted IoU
+                  "val_sam_iou": float(np.median(scores)) if scores else float("nan")}
         if rejected:
             result["val_organ_free_rejected"] = float(np.mean(rejected))
             result["val_organ_free_scored"] = len(rejected)
