@@ -267,6 +267,7 @@ def self_training_config(dataset, unlabeled) -> RunConfig:
     t = cfg.train
     t.self_train_rounds, t.self_train_epochs = 1, 1
     t.pseudo_min_score = t.pseudo_min_box_iou = t.pseudo_min_neighbour_dice = 0.0
+    t.self_train_samples_per_epoch = 6
     return cfg
 
 
@@ -309,6 +310,7 @@ def test_self_training_trains_sam_on_the_kept_answers_and_resumes_inside_a_round
     assert 0 < round_row["kept"] <= round_row["answered"] <= round_row["pool"]
     assert round_row["min_score"] <= 0.0  # the configured bar, or SAM's validation median where lower
     assert second["sam_slices"] == 2 + round_row["kept"]  # SAM's samples are drawn from these
+    assert second["sam_samples"] == 6  # as many as a self-training epoch is set to draw
     pseudo = torch.load(run / "pseudo-1.pt", weights_only=False)
     assert len(pseudo["index"]) == round_row["kept"] and pseudo["masks"].shape[0] == round_row["kept"]
 

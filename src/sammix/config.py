@@ -108,6 +108,7 @@ class TrainConfig:
     # SAM on them and the labelled slices for self_train_epochs more epochs
     self_train_rounds: int = 0
     self_train_epochs: int = 3
+    self_train_samples_per_epoch: int = 0  # SAM samples a self-training epoch draws (0: sam_samples_per_epoch)
     pseudo_min_score: float = 0.9  # SAM's predicted IoU (its median on validation where lower: pseudo.score_bar)
     pseudo_min_box_iou: float = 0.7  # the CAM's box against the mask's box
     pseudo_min_neighbour_dice: float = 0.8  # volumes: against the answers on the adjacent slices

@@ -206,11 +206,18 @@ class Trainer(EpochTrainer):
     def steps_per_epoch(self) -> int:
         t = self.cfg.train
         classifier = self.trains_classifier and not self._self_training(self.epoch + 1)
-        return classifier * self.cls_steps * t.cls_batch_size * self.world + max(len(self.labeled), t.sam_samples_per_epoch)
+        return classifier * self.cls_steps * t.cls_batch_size * self.world + self._sam_samples()
+
+    def _sam_samples(self) -> int:
+        """SAM samples in the coming epoch (the labelled slices are revisited, augmented, when k is smaller)."""
+        t = self.cfg.train
+        if self._self_training(self.epoch + 1) and t.self_train_samples_per_epoch:
+            return t.self_train_samples_per_epoch
+        return max(len(self.labeled), t.sam_samples_per_epoch)
 
     def run_epoch(self, bar) -> dict:
         if self._self_training(self.epoch + 1):  # the classifier (and so the prompts) stay as trained
-            return {"sam_loss": self.sam_epoch(bar), "sam_slices": len(self.sam_images)}
+            return {"sam_loss": self.sam_epoch(bar), "sam_slices": len(self.sam_images), "sam_samples": self._sam_samples()}
         cls_loss = self.classifier_epoch(bar) if self.trains_classifier else float("nan")
         return {"cls_loss": cls_loss, "sam_loss": self.sam_epoch(bar)}
 
@@ -344,8 +351,7 @@ class Trainer(EpochTrainer):
 
     def sam_epoch(self, bar) -> float:
         t = self.cfg.train
-        # self-training epochs draw as many samples as supervised ones, from the labelled slices and kept answers
-        n = max(len(self.labeled), t.sam_samples_per_epoch)
+        n = self._sam_samples()
         order = torch.randperm(max(n, len(self.sam_images)), generator=self.gen).numpy()[:n] % len(self.sam_images)
         losses = []
         self.model.sam.train()
