@@ -227,7 +227,7 @@ def _sam_epochs(model, samples: dict, t, epochs: int, per_epoch: int, gen, rng) 
 
 
 def _finetune(model, copies: dict, t, seed: int, pool: dict | None = None, labeled=()) -> list[dict]:
-    """The supervised epochs, then `t.self_train_rounds` rounds of self-training on the pool's
+    """The supervised epochs, then the run's rounds of self-training on the pool's
     slices outside `labeled`; returns each round's pseudo-label statistics."""
     from sammix.masks import dice_score
     from sammix.models.inferer import SliceInferer
@@ -237,11 +237,12 @@ def _finetune(model, copies: dict, t, seed: int, pool: dict | None = None, label
     k = len(copies["emb"]) // AUGMENTED_COPIES
     _sam_epochs(model, copies, t, t.epochs, max(k, t.sam_samples_per_epoch), gen, rng)
     rounds = []
-    if not t.self_train_rounds:
+    n_rounds = t.rounds_of_self_training(k, "cam")
+    if not n_rounds:
         return rounds
     free = np.flatnonzero(~np.isin(pool["index"], labeled))
     inferer = SliceInferer(CachedBackend(model, pool["embeddings"]))
-    for _ in range(t.self_train_rounds):
+    for _ in range(n_rounds):
         with torch.no_grad():
             found = pseudo_label(inferer, pool["images"][free], pool["case"][free], pool["z"][free],
                                  pool["depth"][free], t)
@@ -298,7 +299,8 @@ def run(args) -> None:
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
         sets, embeddings = _eval_sets(trainer, model, args.cache)
-        self_training = any(apply_overrides(cfg, LEVERS[lever]).train.self_train_rounds for lever in todo)
+        self_training = any(apply_overrides(cfg, LEVERS[lever]).train.rounds_of_self_training(len(trainer.labeled), "cam")
+                            for lever in todo)
         pool = _pool(trainer, model, args.cache) if self_training else None  # 319 encodings: only when used
         vols, vol_embeddings = _volumes(args.volumes, cfg.prep, model, args.cache) if args.volumes else ([], {})
         pretrained = args.cache / "pretrained.json"

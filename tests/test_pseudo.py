@@ -63,3 +63,14 @@ def test_the_score_bar_follows_sams_scale_only_downwards():
     kept = confident({"sam_iou": scores, "box_iou": np.ones(4), "neighbour_dice": np.full(4, np.nan)},
                      score_bar(0.9, 0.79), 0.7, 0.8)
     assert kept.tolist() == [False, False, True, True]
+
+
+def test_self_training_is_on_by_default_only_for_sam_mix_with_few_labelled_slices():
+    from sammix.config import SELF_TRAIN_MAX_LABELED, TrainConfig
+
+    default = TrainConfig()
+    assert default.rounds_of_self_training(5, "cam") == 1
+    assert default.rounds_of_self_training(SELF_TRAIN_MAX_LABELED + 1, "cam") == 0  # SAM-Mix-50: off
+    assert default.rounds_of_self_training(5, "full_box") == 0  # the SAM-PP baselines stay the paper's
+    assert TrainConfig(self_train_rounds=0).rounds_of_self_training(5, "cam") == 0  # as set, always
+    assert TrainConfig(self_train_rounds=2).rounds_of_self_training(50, "full_box") == 2

@@ -28,7 +28,7 @@ def tiny_config(data, epochs=2) -> RunConfig:
         prep=PrepConfig(size=64),
         model=ModelConfig(),
         train=TrainConfig(labeled=2, epochs=epochs, batch_size=2, cls_batch_size=8, sam_samples_per_epoch=2,
-                          val_max_slices=2, val_fraction=0.25, test_fraction=0.25),
+                          val_max_slices=2, val_fraction=0.25, test_fraction=0.25, self_train_rounds=0),
         data=[str(data)],
     )
 

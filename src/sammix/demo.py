@@ -36,7 +36,8 @@ def run_demo(data: Path | None = None, out: Path = Path("sammix-demo"), epochs: 
     data = Path(data)
     cfg = RunConfig(prep=PrepConfig(), model=ModelConfig(),
                     train=TrainConfig(labeled=DEMO_LABELED, epochs=epochs or DEMO_EPOCHS, seed=0,
-                                      sam_samples_per_epoch=DEMO_SAM_SAMPLES),
+                                      sam_samples_per_epoch=DEMO_SAM_SAMPLES,
+                                      self_train_rounds=0),  # its labelling of ~100 slices would double the demo's time
                     data=[str(data)])
     run = out / "run"
     train(cfg, run)

@@ -5,7 +5,7 @@ split.json (cases per part), labeled.json (the k slices), log.jsonl (losses and 
 epoch), last.pt (resume point) and best.pt (best validation score, see `Trainer.validate`; with the
 gate and CAM thresholds chosen on validation and the labelled slices' organ levels; what
 `SamMix.load` reads). With self-training
-(`TrainConfig.self_train_rounds`), pseudo-N.pt holds round N's kept pseudo-labels.
+(`TrainConfig.rounds_of_self_training`), pseudo-N.pt holds round N's kept pseudo-labels.
 """
 
 from __future__ import annotations
@@ -148,10 +148,14 @@ class Trainer(EpochTrainer):
         self.record_split(self.data, self.split, self.labeled)
         # what SAM trains on: the k labelled slices, joined by the kept pseudo-labels in self-training
         self.sam_images, self.sam_masks = self.data.images[self.labeled], self.data.masks[self.labeled]
+        self.rounds = t.rounds_of_self_training(len(self.labeled), cfg.model.prompt)
         self.unlabeled = load_sources(cfg.unlabeled_data, cfg.prep, cache_dir, masks=False) if cfg.unlabeled_data else None
-        if self.unlabeled is not None and not t.self_train_rounds and self.main:
+        if self.unlabeled is not None and not self.rounds and self.main:
             tqdm.write("warning: --unlabeled-data is used by self-training only, and it is off "
                        "(--set train.self_train_rounds=1 turns it on)")
+        elif self.rounds and t.self_train_rounds is None and self.main:
+            tqdm.write(f"self-training: {self.rounds} round after the supervised epochs, as by default with "
+                       f"{len(self.labeled)} labelled slices (--set train.self_train_rounds=0 turns it off)")
         self.pseudo_round = None
 
         # classifier pool: every training slice of --data + all --cls-only-data whose slice label is
@@ -198,7 +202,7 @@ class Trainer(EpochTrainer):
 
     def total_epochs(self) -> int:
         t = self.cfg.train
-        return t.epochs + t.self_train_rounds * t.self_train_epochs
+        return t.epochs + self.rounds * t.self_train_epochs
 
     def _self_training(self, epoch: int) -> bool:
         return epoch > self.cfg.train.epochs
@@ -241,7 +245,7 @@ class Trainer(EpochTrainer):
             bar = score_bar(t.pseudo_min_score, self.validate().get("val_sam_iou", float("nan")))
             found = pseudo_label(SliceInferer(self.model), pool.images, pool.case, pool.slice_index, pool.depth,
                                  replace(t, pseudo_min_score=bar),
-                                 desc=f"self-training round {r + 1}/{t.self_train_rounds}: label")
+                                 desc=f"self-training round {r + 1}/{self.rounds}: label")
             keep = found["keep"]
             self.out.save({"index": found["index"][keep], "masks": np.packbits(found["masks"][keep], axis=-1),
                            "answered": len(found["index"]), "pool": len(pool), "min_score": bar}, path.name)
