@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sammix.cli import main
-from sammix.config import PrepConfig
+from sammix.config import PrepConfig, TrainConfig
 from sammix.data.layouts import list_cases, load_case
 from sammix.data.slice_labels import CaseSlices, label_cases, read_slice_rows
 from sammix.data.synthetic import write_synthetic_dataset
@@ -253,7 +253,8 @@ def test_train_rejects_a_bad_row_in_one_line(tmp_path, synthetic_root, capsys):
 @pytest.mark.slow
 def test_train_from_ranges_and_sparse_annotations(tmp_path):
     """The few-label path: 4 CTs painted on 3 slices each (one looked-at slice without liver), 2 more
-    with liver ranges alone; one epoch with tiny settings leaves a complete run folder."""
+    with liver ranges alone; one epoch with tiny settings, then the default self-training round, leaves a
+    complete run folder."""
     painted = write_synthetic_dataset(tmp_path / "painted", "pairs", n_cases=4, shape=(64, 64, 24))
     looked, marked = ["case,slice,present"], {}
     for i in range(4):
@@ -277,8 +278,12 @@ def test_train_from_ranges_and_sparse_annotations(tmp_path):
     labeled = {(row["case"], row["slice"]) for row in json.loads((run / "labeled.json").read_text())}
     expected = {(f"painted/{case}", z) for case, zs in marked.items() for z in zs if f"painted/{case}" in train_cases}
     assert labeled == expected and expected  # every painted slice of the training cases, no other
-    (epoch,) = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"epoch"' in line]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in rows if r.get("epoch") == 1]
     assert np.isfinite(epoch["cls_loss"]) and np.isfinite(epoch["sam_loss"])
+    # with this few labelled slices self-training follows by default, on every slice without a mask
+    (round_row,) = [r for r in rows if "self_training_round" in r]
+    assert round_row["pool"] > 0 and max(r.get("epoch", 0) for r in rows) == 1 + TrainConfig().self_train_epochs
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from sammix import __version__
-from sammix.config import (RUN_WINDOW, ModelConfig, PrepConfig, RunConfig, TrainConfig, apply_overrides,
-                            parse_window)
+from sammix.config import (RUN_WINDOW, SELF_TRAIN_MAX_LABELED, ModelConfig, PrepConfig, RunConfig, TrainConfig,
+                            apply_overrides, parse_window)
 from sammix.errors import SammixError
 
 
@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "painted z-extent")
     p.add_argument("--unlabeled-data", type=Path, action="append", default=[], metavar="DIR",
                    help="images only (no labels of any kind): slices that self-training labels and trains SAM on "
-                        "(--set train.self_train_rounds=N); repeatable")
+                        f"(on by default with at most {SELF_TRAIN_MAX_LABELED} labelled slices; "
+                        "--set train.self_train_rounds=N); repeatable")
     p.add_argument("--labeled", type=int, default=None,
                    help=f"k labelled slices; 0: all (default {TrainConfig.labeled}, with --annotated-slices all)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
