@@ -299,8 +299,8 @@ def run(args) -> None:
         model.set_thresholds(fixed.cfg.cls_threshold, fixed.cfg.cam_threshold)
         start = {n: p.detach().clone() for n, p in model.sam.named_parameters() if p.requires_grad}
         sets, embeddings = _eval_sets(trainer, model, args.cache)
-        self_training = any(apply_overrides(cfg, LEVERS[lever]).train.rounds_of_self_training(len(trainer.labeled), "cam")
-                            for lever in todo)
+        k = len(trainer.labeled)
+        self_training = any(apply_overrides(cfg, LEVERS[lever]).train.rounds_of_self_training(k, "cam") for lever in todo)
         pool = _pool(trainer, model, args.cache) if self_training else None  # 319 encodings: only when used
         vols, vol_embeddings = _volumes(args.volumes, cfg.prep, model, args.cache) if args.volumes else ([], {})
         pretrained = args.cache / "pretrained.json"

@@ -30,7 +30,8 @@ def _train(data: Path, out: Path, nproc: int, batch: int, *extra: str, wait: boo
     cmd = [sys.executable, "-m", "sammix.cli", "train", "--data", str(data), "--labeled", "4", "--size", "64",
            "--device", "cpu", "--cache-dir", str(out.parent / "cache"), "--out", str(out), "--nproc", str(nproc),
            "--batch-size", str(batch), "--set", "train.sam_samples_per_epoch=8", "--set", "train.val_max_slices=2",
-           "--set", "train.val_fraction=0.25", "--set", "train.test_fraction=0.25", "--set", "train.self_train_rounds=0", *extra]
+           "--set", "train.val_fraction=0.25", "--set", "train.test_fraction=0.25",
+           "--set", "train.self_train_rounds=0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -221,7 +221,8 @@ class Trainer(EpochTrainer):
 
     def run_epoch(self, bar) -> dict:
         if self._self_training(self.epoch + 1):  # the classifier (and so the prompts) stay as trained
-            return {"sam_loss": self.sam_epoch(bar), "sam_slices": len(self.sam_images), "sam_samples": self._sam_samples()}
+            return {"sam_loss": self.sam_epoch(bar), "sam_slices": len(self.sam_images),
+                    "sam_samples": self._sam_samples()}
         cls_loss = self.classifier_epoch(bar) if self.trains_classifier else float("nan")
         return {"cls_loss": cls_loss, "sam_loss": self.sam_epoch(bar)}
 
