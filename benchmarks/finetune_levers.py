@@ -235,7 +235,7 @@ def _finetune(model, copies: dict, t, seed: int, pool: dict | None = None, label
 
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     k = len(copies["emb"]) // AUGMENTED_COPIES
-    _sam_epochs(model, copies, t, t.epochs, max(k, t.sam_samples_per_epoch), gen, rng)
+    _sam_epochs(model, copies, t, t.epochs, t.sam_samples(k, self_training=False), gen, rng)
     rounds = []
     n_rounds = t.rounds_of_self_training(k, "cam")
     if not n_rounds:
@@ -257,8 +257,8 @@ def _finetune(model, copies: dict, t, seed: int, pool: dict | None = None, label
         samples = {"emb": torch.cat([copies["emb"], pool["emb"][kept]]),
                    "masks": torch.cat([copies["masks"], torch.from_numpy(found["masks"][keep])[:, None]]),
                    "cam_boxes": torch.cat([copies["cam_boxes"], torch.from_numpy(found["boxes"][keep]).float()])}
-        # as the trainer: an epoch draws as many samples as a supervised one, from the k and the kept answers
-        _sam_epochs(model, samples, t, t.self_train_epochs, max(k, t.sam_samples_per_epoch), gen, rng)
+        # as the trainer: a self-training epoch draws from the k and the kept answers
+        _sam_epochs(model, samples, t, t.self_train_epochs, t.sam_samples(k, self_training=True), gen, rng)
     return rounds
 
 

@@ -69,7 +69,7 @@ def _train(model, start: dict, pool: dict, chosen, t, seed: int) -> None:
     samples = {"emb": pool["emb"][chosen], "masks": torch.from_numpy(pool["masks"][chosen])[:, None], "cam_boxes": boxes}
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-    _sam_epochs(model, samples, t, t.epochs, max(len(chosen), t.sam_samples_per_epoch), gen, rng)
+    _sam_epochs(model, samples, t, t.epochs, t.sam_samples(len(chosen), self_training=False), gen, rng)
 
 
 def run(args) -> None:

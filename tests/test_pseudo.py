@@ -74,3 +74,12 @@ def test_self_training_is_on_by_default_only_for_sam_mix_with_few_labelled_slice
     assert default.rounds_of_self_training(5, "full_box") == 0  # the SAM-PP baselines stay the paper's
     assert TrainConfig(self_train_rounds=0).rounds_of_self_training(5, "cam") == 0  # as set, always
     assert TrainConfig(self_train_rounds=2).rounds_of_self_training(50, "full_box") == 2
+
+
+def test_a_self_training_epoch_draws_its_own_number_of_sam_samples_only_when_set():
+    from sammix.config import TrainConfig
+
+    t = TrainConfig(sam_samples_per_epoch=32)
+    assert t.sam_samples(5, self_training=True) == 32 and t.sam_samples(50, self_training=False) == 50
+    t = TrainConfig(sam_samples_per_epoch=32, self_train_samples_per_epoch=128)
+    assert t.sam_samples(5, self_training=True) == 128 and t.sam_samples(5, self_training=False) == 32

@@ -126,6 +126,12 @@ class TrainConfig:
     calibrate_gate: bool = True  # each epoch, set the gate to pass every organ-present validation slice
     device: str = "auto"
 
+    def sam_samples(self, labeled: int, self_training: bool) -> int:
+        """SAM samples an epoch draws (the labelled slices are revisited, augmented, when fewer)."""
+        if self_training and self.self_train_samples_per_epoch:
+            return self.self_train_samples_per_epoch
+        return max(labeled, self.sam_samples_per_epoch)
+
     def rounds_of_self_training(self, labeled: int, prompt: str) -> int:
         """The self-training rounds of a run with `labeled` slices for SAM: as set, or by default
         one round for SAM-Mix (CAM prompts) with at most SELF_TRAIN_MAX_LABELED slices, else none."""

@@ -73,7 +73,7 @@ class BaselineTrainer(EpochTrainer):
 
     def steps_per_epoch(self) -> int:
         """As for SAM-Mix: few labelled slices are revisited (augmented) up to sam_samples_per_epoch."""
-        return max(len(self.labeled), self.cfg.train.sam_samples_per_epoch)
+        return self.cfg.train.sam_samples(len(self.labeled), self_training=False)
 
     def run_epoch(self, bar) -> dict:
         n, bs = self.steps_per_epoch(), self.cfg.net.batch_size

@@ -213,11 +213,8 @@ class Trainer(EpochTrainer):
         return classifier * self.cls_steps * t.cls_batch_size * self.world + self._sam_samples()
 
     def _sam_samples(self) -> int:
-        """SAM samples in the coming epoch (the labelled slices are revisited, augmented, when k is smaller)."""
-        t = self.cfg.train
-        if self._self_training(self.epoch + 1) and t.self_train_samples_per_epoch:
-            return t.self_train_samples_per_epoch
-        return max(len(self.labeled), t.sam_samples_per_epoch)
+        """SAM samples in the coming epoch."""
+        return self.cfg.train.sam_samples(len(self.labeled), self._self_training(self.epoch + 1))
 
     def run_epoch(self, bar) -> dict:
         if self._self_training(self.epoch + 1):  # the classifier (and so the prompts) stay as trained
