@@ -80,3 +80,22 @@ def test_sammix_trains_data_parallel_into_one_complete_run_that_resumes(data, tm
     for part in ("classifier", "sam"):
         for key in ref[part]:
             assert torch.equal(ours[part][key], ref[part][key]), f"{part}.{key} differs"
+
+
+def test_a_self_training_round_runs_data_parallel_into_the_same_one_run(data, tmp_path):
+    """The round after the supervised epochs under DDP (on by default for few labelled slices):
+    one pseudo-label file, SAM's next epoch drawn from the labelled slices plus the kept answers,
+    one log with the round's row, and loadable weights. The bars at 0 keep every non-empty answer."""
+    rows = _train(data, tmp_path / "run", 2, 2, "--epochs", "1", "--set", "train.cls_batch_size=4",
+                  "--set", "train.self_train_rounds=1", "--set", "train.self_train_epochs=1",
+                  "--set", "train.pseudo_min_score=0", "--set", "train.pseudo_min_box_iou=0",
+                  "--set", "train.pseudo_min_neighbour_dice=0")
+    (round_row,) = [r for r in rows if "self_training_round" in r]
+    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2]
+    assert 0 < round_row["kept"] <= round_row["answered"] <= round_row["pool"]
+    (second,) = [r for r in rows if r.get("epoch") == 2]
+    labelled = len(json.loads((tmp_path / "run" / RunFolder.LABELED).read_text()))
+    assert second["sam_slices"] == labelled + round_row["kept"]
+    pseudo = torch.load(tmp_path / "run" / "pseudo-1.pt", weights_only=False)
+    assert len(pseudo["index"]) == round_row["kept"]
+    SamMix.load(tmp_path / "run", device="cpu")
