@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sammix.config import SELF_TRAIN_MAX_LABELED, TrainConfig
 from sammix.training.pseudo import answer_checks, confident, score_bar
 
 
@@ -66,8 +67,6 @@ def test_the_score_bar_follows_sams_scale_only_downwards():
 
 
 def test_self_training_is_on_by_default_only_for_sam_mix_with_few_labelled_slices():
-    from sammix.config import SELF_TRAIN_MAX_LABELED, TrainConfig
-
     default = TrainConfig()
     assert default.rounds_of_self_training(5, "cam") == 1
     assert default.rounds_of_self_training(SELF_TRAIN_MAX_LABELED + 1, "cam") == 0  # SAM-Mix-50: off
@@ -77,8 +76,6 @@ def test_self_training_is_on_by_default_only_for_sam_mix_with_few_labelled_slice
 
 
 def test_a_self_training_epoch_draws_its_own_number_of_sam_samples_only_when_set():
-    from sammix.config import TrainConfig
-
     t = TrainConfig(sam_samples_per_epoch=32)
     assert t.sam_samples(5, self_training=True) == 32 and t.sam_samples(50, self_training=False) == 50
     t = TrainConfig(sam_samples_per_epoch=32, self_train_samples_per_epoch=128)
