@@ -1,13 +1,14 @@
 """What `sammix predict --slice-step N` and volume context save and cost: SAM slices and 3D Dice.
 
-    .venv/bin/python benchmarks/slice_step_bench.py --run RUN [--steps 1,2,3,4] [--precision int8]
+    .venv/bin/python benchmarks/slice_step_bench.py --run RUN [--steps 1,2,3,4] [--precision int8] \
+        [--volumes chaos,totalseg,lits117,synthetic512]
 
 On the CHAOS DICOM series, the TotalSegmentator example and LiTS volume 117 (../shared/data) and
 a generated 512x512x200 CT (2 mm slices), with one engine for all: per step, how many slices SAM
 saw, seconds, and the 3D Dice of the cleaned mask against the every-slice mask (step 1) and
-against the liver labels where there are some. The last row of each volume is volume context
+against the liver labels where there are some. Then the same steps with volume context
 (`model.propagate`, which walks from the surest slice and stops at the organ's ends, so SAM sees
-only the slices it walks through).
+only the slices it walks through; the step is how far it jumps), against its own step 1.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--steps", default="1,2,3,4")
     p.add_argument("--precision", default="int8", choices=["fp32", "int8"])
+    p.add_argument("--volumes", default="chaos,totalseg,lits117,synthetic512", help="which of them, comma-separated")
     args = p.parse_args()
 
     from sammix.data.io import read_volume
@@ -59,26 +61,28 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     if steps[0] != 1:
         raise SystemExit("--steps must start with 1 (the reference)")
-    print("| volume | step | slices to SAM | s | Dice vs step 1 | Dice vs labels |")
+    print("| volume | step | slices to SAM | s | Dice vs step 1 (the same mode) | Dice vs labels |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (ct, labels) in _volumes(Path(tmp)).items():
+            if name not in args.volumes.split(","):
+                continue
             volume = read_volume(ct)
             axial = volume.axial()
             gt = None if labels is None else read_volume(labels).axial() > 0
-            reference = None
-            for step in [*steps, "context"]:
-                start = time.perf_counter()
-                context = step == "context"
-                mask, facts = predict_axial(inferer, axial, engine.model.prep.window,
-                                            slice_step=1 if context else step, propagate=context,
-                                            spacing_rc=volume.in_plane_spacing())
-                _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
-                seconds = time.perf_counter() - start
-                reference = mask if reference is None else reference
-                vs_gt = "-" if gt is None else f"{_dice(mask, gt):.3f}"
-                print(f"| {name} | {step} | {int(facts['segmented'].sum())} of {int(facts['present'].sum())} present "
-                      f"({len(axial)}) | {seconds:.1f} | {_dice(mask, reference):.4f} | {vs_gt} |", flush=True)
+            for context in (False, True):
+                reference = None
+                for step in steps:
+                    start = time.perf_counter()
+                    mask, facts = predict_axial(inferer, axial, engine.model.prep.window, slice_step=step,
+                                                propagate=context, spacing_rc=volume.in_plane_spacing())
+                    _, mask = mask_to_stored(volume, mask)  # the 3D clean-up, as `sammix predict`
+                    seconds = time.perf_counter() - start
+                    reference = mask if reference is None else reference
+                    vs_gt = "-" if gt is None else f"{_dice(mask, gt):.3f}"
+                    print(f"| {name} | {'context, ' * context}{step} | {int(facts['segmented'].sum())} of "
+                          f"{int(facts['present'].sum())} present ({len(axial)}) | {seconds:.1f} | "
+                          f"{_dice(mask, reference):.4f} | {vs_gt} |", flush=True)
 
 
 if __name__ == "__main__":

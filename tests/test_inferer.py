@@ -82,6 +82,20 @@ def test_propagation_follows_the_moving_organ_past_wrong_cams_and_stops_at_its_e
     assert not context["segmented"][:3].any() and not context["segmented"][21:].any()
 
 
+def test_propagation_with_a_slice_step_blends_where_the_organ_changes_slowly():
+    backend = ObjectsBackend()
+    for i in range(4, 20):  # an organ that moves half a pixel a slice, and still shrinks at its ends
+        backend.organ[i] = _disk(20, 20 + 0.5 * i, min(9, 3 + 2 * min(i - 4, 19 - i)))
+    x = _volume(len(backend.organ))
+    every = SliceInferer(backend).predict_volume(x, propagate=True)
+    stepped = SliceInferer(backend).predict_volume(x, propagate=True, slice_step=2)
+    assert stepped["segmented"].sum() < every["segmented"].sum() == 18  # the organ and the slice past each end
+    masks = stepped["logits"] > 0
+    for i in range(4, 20):  # blended in the middle, walked slice by slice where the ends shrink
+        assert dice_score(masks[i], backend.organ[i]) >= 0.9, i
+    assert not masks[:4].any() and not masks[20:].any()
+
+
 class NeighbourOrganBackend(ObjectsBackend):
     """Past the organ's last slice, on slices the gate passes (`gate_extra`, as a classifier
     passes organ-free slices of an unfamiliar scanner), SAM finds a neighbouring organ in any box

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "not exact (docs/performance.md); bf16: GPU autocast")
     p.add_argument("--slice-step", type=int, default=1,
                    help="SAM sees every Nth organ slice; a slice between two that agree (mask Dice >= 0.9) "
-                        "is interpolated from them, otherwise SAM sees it too. 1 (default): every slice")
+                        "is interpolated from them, otherwise SAM sees it too (with model.propagate: the walk jumps N "
+                        "slices where the mask keeps its shape). 1 (default): every slice")
     _add_inference_set_option(p)
 
     p = sub.add_parser("suggest", help="which slices to label next, written out ready to paint")

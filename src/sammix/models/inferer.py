@@ -183,8 +183,8 @@ class SliceInferer:
         prompted with (NaN where SAM did not run)}.
 
         The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
-        run's `ModelConfig.propagate`; see `_propagate`), or SAM with CAM prompts on the present
-        slices; with `slice_step` > 1, in each run of consecutive organ slices SAM sees every
+        run's `ModelConfig.propagate`; see `_propagate`, which takes `slice_step` too), or SAM with
+        CAM prompts on the present slices; with `slice_step` > 1, in each run of consecutive organ slices SAM sees every
         slice_step-th slice and the last; a slice between two that SAM saw gets their mask logits
         blended linearly in z where the two masks agree (Dice >= INTERPOLATE_MIN_DICE), and
         otherwise SAM sees the middle slice and each half is treated the same way, down to
@@ -203,7 +203,7 @@ class SliceInferer:
         propagate = self.cfg.propagate if propagate is None else propagate
         boxes = torch.full((z, 4), float("nan"))
         if propagate and cams is not None and present.any():
-            logits, segmented = self._propagate(x, cams, probs.numpy(), present, boxes, progress)
+            logits, segmented = self._propagate(x, cams, probs.numpy(), present, boxes, slice_step, progress)
         else:
             logits, segmented = self._stepped(x, cams, present, slice_step, batch_size, boxes, progress)
         if progress is not None:
@@ -239,62 +239,95 @@ class SliceInferer:
             gaps = [g for a, m, b in middles for g in ((a, m), (m, b)) if g[1] - g[0] > 1]
         return logits, segmented
 
-    def _propagate(self, x, cams, probs: np.ndarray, present: np.ndarray, boxes: torch.Tensor, progress):
+    def _propagate(self, x, cams, probs: np.ndarray, present: np.ndarray, boxes: torch.Tensor,
+                   slice_step: int, progress):
         """Volume context: SAM from the slice the model is surest of, outwards.
 
         The seed is the present slice with the highest organ probability in the longest run of
         present slices, segmented as `segment` does it (its CAM prompt, or prompt candidates).
-        Each neighbour is then prompted with the box of the mask next to it, grown by
-        PROPAGATE_GROW; where the gate passes the slice,
-        SAM's answer to the CAM box is the check: when the propagated mask has lost the organ
-        (it overlaps the neighbour's mask less than the CAM answer does), the CAM answer is
-        taken. The walk stops at the organ's end: the first slice whose mask is smaller than
-        PROPAGATE_MIN_AREA of the slice, whose mask SAM scores below PROPAGATE_END_SCORE (SAM no
-        longer sees one object there: a classifier that passes organ-free slices of an unfamiliar
-        scanner cannot end the walk, SAM's own doubt can), that the gate rejects while SAM's
-        score is below PROPAGATE_MIN_SCORE, or whose mask outgrows its neighbour's by more than
-        PROPAGATE_END_GROWTH where the organ probability is below PROPAGATE_END_PROB of the seed's
-        (SAM, confident, has moved on to the next organ). Slices beyond the ends are organ-free."""
+        Each neighbour is then prompted with the box of the mask next to it (`_follow`). The walk
+        stops at the organ's end (`_follow` returns None), and slices beyond the ends are
+        organ-free.
+
+        With `slice_step` N > 1 the walk jumps N slices at a time, prompted with the box grown N
+        times as much; where the mask it finds agrees with the one it jumped from (Dice >=
+        INTERPOLATE_MIN_DICE) the slices between get their logits blended linearly in z; otherwise
+        it tries half the jump, down to the next slice. After a slice whose mask differs from its
+        neighbour's the walk goes on slice by slice, until two neighbours agree again."""
         z = x.shape[0]
         logits = torch.zeros(z, self.size, self.size)
         segmented = np.zeros(z, bool)
         first, last = max(_runs(present), key=lambda r: r[1] - r[0])
         seed = first + int(np.argmax(probs[first:last + 1]))
-        min_area = PROPAGATE_MIN_AREA * self.size * self.size
-
-        def seen(i: int) -> None:
-            segmented[i] = True
-            if progress is not None:
-                progress.update(1)
 
         def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
             emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
             out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
                                                      torch.from_numpy(np.stack(boxes)).float(), None))
-            seen(i)
+            if progress is not None and not segmented[i]:
+                progress.update(1)
+            segmented[i] = True
             return [(out[0][k], float(out[1][k])) for k in range(len(boxes))]
 
+        def follow(i: int, prev: int):
+            doubted = probs[i] < PROPAGATE_END_PROB * probs[seed]
+            got = self._follow(i, logits[prev] > 0, abs(i - prev), cams, doubted, present[i], sam)
+            if got is not None:
+                logits[i], boxes[i] = got
+            return got
+
         logits[seed:seed + 1], _, boxes[seed:seed + 1] = self.segment(x[seed:seed + 1], cams[seed:seed + 1])
-        seen(seed)
+        segmented[seed] = True
+        if progress is not None:
+            progress.update(1)
         for step in (1, -1):
-            prev = seed
-            for i in range(seed + step, z if step > 0 else -1, step):
-                near = logits[prev] > 0
-                box = mask_to_box(near)
-                if box is None:
-                    break
-                grown = expand_box(box, PROPAGATE_GROW, self.size, pixels=2.0)
-                if present[i]:
-                    cam_box = self.prompter.prompts(cams[i:i + 1])[0][0].numpy()
-                    (mine, score), (cam_mask, cam_score) = sam(i, [grown, cam_box])
-                    if dice_score(cam_mask > 0, near) > dice_score(mine > 0, near):
-                        mine, score, grown = cam_mask, cam_score, cam_box
-                else:
-                    ((mine, score),) = sam(i, [grown])
-                area = int((mine > 0).sum())
-                grew = probs[i] < PROPAGATE_END_PROB * probs[seed] and area > PROPAGATE_END_GROWTH * int(near.sum())
-                if area < min_area or score < PROPAGATE_END_SCORE or (not present[i] and score < PROPAGATE_MIN_SCORE) or grew:
-                    break
-                logits[i], boxes[i] = mine, torch.from_numpy(grown)
-                prev = i
+            prev, n = seed, slice_step
+            while 0 <= prev + step < z:
+                n = min(n, z - 1 - prev if step > 0 else prev)  # jump no further than the volume's edge
+                target = prev + step * n
+                kept = logits[target].clone(), boxes[target].clone()
+                found = follow(target, prev) is not None
+                if not found and n == 1:
+                    break  # the organ has ended
+                agree = found and dice_score(logits[target] > 0, logits[prev] > 0) >= INTERPOLATE_MIN_DICE
+                if found and (agree or n == 1):
+                    if n > 1:
+                        t = torch.linspace(0.0, 1.0, n + 1)[1:-1, None, None]
+                        logits[torch.arange(prev + step, target, step)] = (1 - t) * logits[prev] + t * logits[target]
+                    prev, n = target, slice_step if agree else 1  # where the mask changes fast, slice by slice
+                    continue
+                logits[target], boxes[target] = kept  # a jump that found no organ or another mask:
+                n //= 2  # a shorter one
         return logits, segmented
+
+    def _follow(self, i: int, near: torch.Tensor, distance: int, cams, doubted: bool, present: bool, sam):
+        """Slice i prompted from the mask `near` of a slice `distance` away -> (logits, box), or
+        None where the organ has ended.
+
+        The prompt is the box of `near` grown by PROPAGATE_GROW for each slice of the distance;
+        where the gate passes the slice, SAM's answer to the CAM box is the check: when the
+        propagated mask has lost the organ (it overlaps `near` less than the CAM answer does),
+        the CAM answer is taken. The organ has ended at a slice whose mask is smaller than
+        PROPAGATE_MIN_AREA of the slice, whose mask SAM scores below PROPAGATE_END_SCORE (SAM no
+        longer sees one object there: a classifier that passes organ-free slices of an unfamiliar
+        scanner cannot end the walk, SAM's own doubt can), that the gate rejects while SAM's
+        score is below PROPAGATE_MIN_SCORE, or whose mask outgrows `near` by more than
+        PROPAGATE_END_GROWTH where the organ probability is below PROPAGATE_END_PROB of the
+        seed's (`doubted`; SAM, confident, has moved on to the next organ)."""
+        box = mask_to_box(near)
+        if box is None:
+            return None
+        grown = expand_box(box, PROPAGATE_GROW * distance, self.size, pixels=2.0 * distance)
+        if present:
+            cam_box = self.prompter.prompts(cams[i:i + 1])[0][0].numpy()
+            (mine, score), (cam_mask, cam_score) = sam(i, [grown, cam_box])
+            if dice_score(cam_mask > 0, near) > dice_score(mine > 0, near):
+                mine, score, grown = cam_mask, cam_score, cam_box
+        else:
+            ((mine, score),) = sam(i, [grown])
+        area = int((mine > 0).sum())
+        grew = doubted and area > PROPAGATE_END_GROWTH * int(near.sum())
+        if area < PROPAGATE_MIN_AREA * self.size * self.size or score < PROPAGATE_END_SCORE \
+                or (not present and score < PROPAGATE_MIN_SCORE) or grew:
+            return None
+        return mine, torch.from_numpy(grown)
