@@ -260,8 +260,15 @@ class SliceInferer:
         first, last = max(_runs(present), key=lambda r: r[1] - r[0])
         seed = first + int(np.argmax(probs[first:last + 1]))
 
+        embedded: dict[int, torch.Tensor] = {}  # the last few slices' embeddings: a jump that failed is walked again
+
         def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
-            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            emb = embedded.pop(i, None)
+            if emb is None:
+                emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            embedded[i] = emb
+            if len(embedded) > slice_step:
+                del embedded[next(iter(embedded))]
             out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
                                                      torch.from_numpy(np.stack(boxes)).float(), None))
             if progress is not None and not segmented[i]:
