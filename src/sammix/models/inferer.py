@@ -184,11 +184,11 @@ class SliceInferer:
 
         The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
         run's `ModelConfig.propagate`; see `_propagate`, which takes `slice_step` too), or SAM with
-        CAM prompts on the present slices; with `slice_step` > 1, in each run of consecutive organ slices SAM sees every
-        slice_step-th slice and the last; a slice between two that SAM saw gets their mask logits
-        blended linearly in z where the two masks agree (Dice >= INTERPOLATE_MIN_DICE), and
-        otherwise SAM sees the middle slice and each half is treated the same way, down to
-        neighbours."""
+        CAM prompts on the present slices; with `slice_step` > 1, in each run of consecutive organ
+        slices SAM sees every slice_step-th slice and the last; a slice between two that SAM saw
+        gets their mask logits blended linearly in z where the two masks agree (Dice >=
+        INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle slice and each half is treated
+        the same way, down to neighbours."""
         if slice_step < 1:
             raise ValueError(f"slice_step must be >= 1, got {slice_step}")
         z = x.shape[0]
