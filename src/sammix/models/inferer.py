@@ -75,6 +75,14 @@ def _runs(present: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1))
 
 
+def _blend(logits: torch.Tensor, a: int, b: int) -> None:
+    """The slices strictly between slices a and b of `logits` (Z,S,S) get theirs blended
+    linearly in z."""
+    lo, hi = min(a, b), max(a, b)
+    t = torch.linspace(0.0, 1.0, hi - lo + 1)[1:-1, None, None]
+    logits[lo + 1:hi] = (1 - t) * logits[lo] + t * logits[hi]
+
+
 class SliceInferer:
     """gate -> CAM -> prompts -> SAM -> mask over a `Backend`, for batches of slices
     (`predict`) and for the ordered slices of a volume (`predict_volume`)."""
@@ -231,8 +239,7 @@ class SliceInferer:
             middles = []
             for a, b in gaps:
                 if dice_score(logits[a] > 0, logits[b] > 0) >= INTERPOLATE_MIN_DICE:
-                    t = torch.linspace(0.0, 1.0, b - a + 1)[1:-1, None, None]
-                    logits[a + 1:b] = (1 - t) * logits[a] + t * logits[b]
+                    _blend(logits, a, b)
                 else:
                     middles.append((a, (a + b) // 2, b))
             run_sam([m for _, m, _ in middles])
@@ -276,13 +283,6 @@ class SliceInferer:
             segmented[i] = True
             return [(out[0][k], float(out[1][k])) for k in range(len(boxes))]
 
-        def follow(i: int, prev: int):
-            doubted = probs[i] < PROPAGATE_END_PROB * probs[seed]
-            got = self._follow(i, logits[prev] > 0, abs(i - prev), cams, doubted, present[i], sam)
-            if got is not None:
-                logits[i], boxes[i] = got
-            return got
-
         logits[seed:seed + 1], _, boxes[seed:seed + 1] = self.segment(x[seed:seed + 1], cams[seed:seed + 1])
         segmented[seed] = True
         if progress is not None:
@@ -292,19 +292,18 @@ class SliceInferer:
             while 0 <= prev + step < z:
                 n = min(n, z - 1 - prev if step > 0 else prev)  # jump no further than the volume's edge
                 target = prev + step * n
-                kept = logits[target].clone(), boxes[target].clone()
-                found = follow(target, prev) is not None
-                if not found and n == 1:
+                doubted = probs[target] < PROPAGATE_END_PROB * probs[seed]
+                got = self._follow(target, logits[prev] > 0, n, cams, doubted, present[target], sam)
+                if got is None and n == 1:
                     break  # the organ has ended
-                agree = found and dice_score(logits[target] > 0, logits[prev] > 0) >= INTERPOLATE_MIN_DICE
-                if found and (agree or n == 1):
-                    if n > 1:
-                        t = torch.linspace(0.0, 1.0, n + 1)[1:-1, None, None]
-                        logits[torch.arange(prev + step, target, step)] = (1 - t) * logits[prev] + t * logits[target]
+                agree = got is not None and dice_score(got[0] > 0, logits[prev] > 0) >= INTERPOLATE_MIN_DICE
+                if got is not None and (agree or n == 1):
+                    logits[target], boxes[target] = got
+                    _blend(logits, prev, target)
                     prev, n = target, slice_step if agree else 1  # where the mask changes fast, slice by slice
                     continue
-                logits[target], boxes[target] = kept  # a jump that found no organ or another mask:
-                n //= 2  # a shorter one
+                # a jump that found no organ, or another mask: a shorter one
+                n //= 2
         return logits, segmented
 
     def _follow(self, i: int, near: torch.Tensor, distance: int, cams, doubted: bool, present: bool, sam):
