@@ -127,3 +127,13 @@ def test_torch_engine_follows_the_prompt_settings(model, slices, setting, value)
         setattr(model.cfg, setting, saved[0])
         model.prompter.mask_mode = saved[1]
     assert (masks == ref["masks"].numpy()).mean() > 0.9995
+
+
+def test_the_onnx_refining_decoder_gives_the_torch_masks(run, model, slices):
+    model.cfg.refine = True
+    try:
+        ref = model.predict_slices(slices[:2], gate=False)["masks"].numpy()
+        masks = SliceInferer(Engine(model, "fp32", "onnx", onnx_dir=run / "onnx")).predict_masks(slices[:2], gate=False)
+    finally:
+        model.cfg.refine = False
+    assert ref.any() and (masks == ref).mean() > 0.9995

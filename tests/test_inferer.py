@@ -273,6 +273,14 @@ def test_sam_sees_an_organ_darker_or_brighter_than_any_it_was_trained_on_shifted
     assert seen[:, 0, :, S // 2:].mean((1, 2)).tolist() == pytest.approx([0.18, 0.05, 0.0])  # the slice moves as one
 
 
+def test_the_true_box_oracle_sees_the_slice_at_the_organ_levels_too():
+    backend = LevelsBackend(ModelConfig(cls_threshold=0.5, cam_threshold=0.4, organ_levels=(0.3, 0.5)))
+    x = _organ_at([0.17, 0.7])
+    SliceInferer(backend).predict(x, boxes=torch.tensor([[0.0, 0.0, S / 2 - 1, S - 1.0]]).repeat(2, 1))
+    (seen,) = backend.encoded
+    assert seen[:, 0, :, : S // 2].mean((1, 2)).tolist() == pytest.approx([0.3, 0.5])
+
+
 def test_without_organ_levels_or_with_matching_off_sam_sees_the_slice_as_it_is():
     x = _organ_at([0.17, 0.7])
     for cfg in (ModelConfig(cls_threshold=0.5), ModelConfig(cls_threshold=0.5, organ_levels=(0.3, 0.5), match_level=False)):
@@ -287,3 +295,48 @@ def test_the_organ_level_is_read_from_tissue_not_from_fat_under_the_cam():
     x[0, :, S // 3:, : S // 2] = 0.0  # two thirds of the CAM's core on fat (0 under a CT window)
     SliceInferer(backend).predict(x)
     assert torch.equal(backend.encoded[0], x)  # the organ is at 0.4, inside the levels: no shift
+
+
+class RefineBackend:
+    """A "SAM" whose first answer is a square 4 px larger than the organ on every side (it
+    reaches past), or nothing on slices whose value is 0; asked through the refining decoder it
+    fills the box it is given."""
+
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, refine=True)
+    size = S
+
+    def __init__(self):
+        self.calls = []
+
+    def classify(self, x):
+        return torch.full((len(x),), 0.9), torch.zeros(len(x), S, S)
+
+    def encode(self, x):
+        return x[:, :, 0, 0]  # (B,1): 1 where the slice has an organ
+
+    def decode(self, emb, boxes, mask_prompts, refine=False):
+        self.calls.append((boxes.clone(), refine))
+        logits = torch.full((len(emb), 3, S, S), -1.0)
+        for j, box in enumerate(boxes.long().tolist()):
+            x1, y1, x2, y2 = box
+            if refine:
+                logits[j, :, y1:y2 + 1, x1:x2 + 1] = 1.0
+            elif emb[j, 0] > 0:
+                logits[j, :, 16:48, 16:48] = 1.0
+        return logits, torch.full((len(emb), 3), 0.9)
+
+
+def test_refine_asks_again_with_the_box_of_the_first_mask_through_the_refining_decoder():
+    backend = RefineBackend()
+    x = torch.zeros(2, 1, S, S)
+    x[0] = 1.0  # slice 0 has an organ, slice 1 gets an empty first answer
+    out = SliceInferer(backend).predict(x, boxes=torch.tensor([[20.0, 20.0, 43.0, 43.0]]).repeat(2, 1))
+    (first, refine0), (second, refine1) = backend.calls
+    assert not refine0 and refine1
+    assert second.tolist() == [[16.0, 16.0, 47.0, 47.0]]  # the first mask's box; the empty answer is not asked again
+    assert (out["logits"][0] > 0).sum() == 32 * 32 and not (out["logits"][1] > 0).any()
+    assert out["boxes"].tolist() == first.tolist()  # the prompt that was given stays the slice's box
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4)
+    backend.calls.clear()
+    SliceInferer(backend).predict(x, boxes=first)
+    assert len(backend.calls) == 1  # off by default: one question

@@ -449,3 +449,22 @@ def test_sam_vit_b_from_a_checkpoint_file(tmp_path):
     with pytest.raises(InputError) as e:
         build_sam(ModelConfig(backbone="sam_vit_l", checkpoint=str(path)))
     assert path.name in one_line(e) and "sam_vit_b checkpoint" in one_line(e)
+
+
+def test_the_refining_decoder_lies_between_the_pretrained_and_the_fine_tuned_one():
+    from sammix.models.sammix import SamMix
+
+    model = SamMix(ModelConfig(refine_blend=0.25)).eval()
+    name, weight = next(iter(model.sam.sam.mask_decoder.named_parameters()))
+    before = weight.detach().clone()
+    emb, box = torch.randn(1, 256, 64, 64), torch.tensor([[60.0, 60.0, 180.0, 200.0]])
+    pretrained = model.decode(emb, box, None)[0]
+    with torch.no_grad():
+        weight.add_(1.0)  # what fine-tuning did
+    assert torch.allclose(dict(model.refining_decoder().named_parameters())[name], before + 0.25)
+    tuned = model.decode(emb, box, None)[0]
+    assert not torch.allclose(tuned, pretrained, atol=1e-3)
+    model.cfg.refine_blend = 1.0
+    assert torch.allclose(model.decode(emb, box, None, refine=True)[0], tuned, atol=1e-5)
+    model.cfg.refine_blend = 0.0
+    assert torch.allclose(model.decode(emb, box, None, refine=True)[0], pretrained, atol=1e-5)

@@ -39,7 +39,7 @@ class PrepConfig:
 
 
 # ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
-INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level")
+INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level", "refine")
 
 
 @dataclass
@@ -64,6 +64,8 @@ class ModelConfig:
     # the organ's intensity range in the labelled training slices (training sets it, as the thresholds)
     organ_levels: tuple[float, float] | None = None
     match_level: bool = True  # SAM sees a slice whose organ is outside organ_levels shifted into them (SliceInferer.sam_input)
+    refine: bool = False  # SAM answers again, prompted with the box of its first mask, through the refining decoder (SliceInferer._answer)
+    refine_blend: float = 0.75  # the refining decoder: this share of the decoder's fine-tuning on its pretrained weights
 
     def calibrated(self, weights: dict):
         """This config with what training chose on its data (gate and CAM thresholds, organ levels),

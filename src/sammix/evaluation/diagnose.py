@@ -12,6 +12,7 @@ And every slice below FAIL_DICE with its cause:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +49,18 @@ def diagnose(model, slices, idx: np.ndarray, pred: dict, figure: Path | None = N
     """The diagnosis of predictions `pred` (masks, present, boxes per index of `idx`, as
     `evaluate.predict_all` gives them) of `model` (a SamMix) on `slices`. `pretrained`: the
     backbone before fine-tuning (default: a new SamMix of the same config, whose LoRA is zero
-    and whose decoder is the pretrained one). `cleanup`: the true-box masks are cleaned up slice
-    by slice (`geometry.clean_mask`), as `pred`'s were."""
+    and whose decoder is the pretrained one, without the run's organ levels and refining).
+    `cleanup`: the true-box masks are cleaned up slice by slice (`geometry.clean_mask`), as
+    `pred`'s were."""
     rows = np.flatnonzero(slices.has_mask[idx] & slices.labels[idx].astype(bool))
     if not len(rows):
         return {"n_slices": 0}
     images, gts = slices.images[idx[rows]], slices.masks[idx[rows]] > 0
-    if pretrained is None:
+    if pretrained is None:  # what a user of the backbone gets: the slice as it is, one answer to the box
         from sammix.models.sammix import SamMix
 
-        pretrained = SamMix(model.cfg, model.prep).to(model.device).eval()
+        plain = replace(model.cfg, organ_levels=None, refine=False)
+        pretrained = SamMix(plain, model.prep).to(model.device).eval()
     tuned_box = _true_box_masks(model, images, gts, cleanup)
     backbone_box = _true_box_masks(pretrained, images, gts, cleanup)
     per_slice, failures = [], []

@@ -63,13 +63,15 @@ class Engine:
                 raise ValueError("backend 'onnx' needs onnx_dir (a folder written by export_model)")
             self.onnx_dir = Path(onnx_dir)
             files = {**FILES, "encoder": FILES["encoder_int8" if self.precision == "int8" else "encoder"]}
-            self.sessions = {k: onnx_session(self.onnx_dir / files[k]) for k in ("classifier", "encoder", "decoder")}
+            self.sessions = {k: onnx_session(self.onnx_dir / files[k])
+                             for k in ("classifier", "encoder", "decoder", "decoder_refine")}
             self.decoder_inputs = [i.name for i in self.sessions["decoder"].get_inputs()]
         elif self.precision == "int8":
             raise ValueError("int8 runs through ONNX Runtime (backend 'onnx')")
         else:
             self.cam_net = None if full_box else closed_form_cam(model)
             self.channels_last = channels_last
+            self.refiner = None  # the refining decoder, made when first asked for (ModelConfig.refine)
             self.encoder = inference_encoder(model).to(self.device)
             if channels_last:
                 self.encoder = self.encoder.to(memory_format=torch.channels_last)
@@ -116,12 +118,14 @@ class Engine:
         self.times["sam_encoder"] += time.perf_counter() - start
         return emb
 
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
-        """Embeddings + prompts -> SAM's three masks: logits (B,3,S,S) fp32, predicted IoUs (B,3)."""
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None,
+               refine: bool = False):
+        """Embeddings + prompts -> SAM's three masks: logits (B,3,S,S) fp32, predicted IoUs (B,3);
+        `refine`: through the refining decoder (`SamMix.refining_decoder`)."""
         start = time.perf_counter()
         if self.backend == "onnx":
-            session, parts = self.sessions["decoder"], []
-            if (mask_prompts is not None) != ("mask_prompt" in self.decoder_inputs):
+            session, parts = self.sessions["decoder_refine" if refine else "decoder"], []
+            if not refine and (mask_prompts is not None) != ("mask_prompt" in self.decoder_inputs):
                 raise ValueError(f"the ONNX decoder in {self.onnx_dir} takes {self.decoder_inputs}")
             for i in range(len(emb)):
                 feeds = {"embeddings": emb[i:i + 1].numpy(), "box": boxes[i:i + 1].float().numpy()}
@@ -133,7 +137,10 @@ class Engine:
         else:
             with torch.inference_mode():
                 prompts = None if mask_prompts is None else mask_prompts.to(self.device)
+                if refine and self.refiner is None:
+                    self.refiner = self.model.refining_decoder()
                 logits, scores = self.model.sam.decode(emb.to(self.device), boxes.to(self.device), prompts,
-                                                       multimask=True, size=self.size)
+                                                       multimask=True, size=self.size,
+                                                       decoder=self.refiner if refine else None)
         self.times["sam_decoder"] += time.perf_counter() - start
         return logits.float().cpu(), scores.float().cpu()

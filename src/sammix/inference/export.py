@@ -13,6 +13,8 @@ Files in the output folder:
 * ``decoder.onnx``: embeddings (1,256,64,64), box (1,4) xyxy in S-pixel coordinates, mask_prompt
   (1,1,256,256) logits (absent when the run's mask_prompt is "none") -> masks (1,3,S,S) logits,
   scores (1,3) predicted IoU. One slice per call.
+* ``decoder-refine.onnx``: the same through the refining decoder (`SamMix.refining_decoder`),
+  which `ModelConfig.refine` asks a second time with the box of the first mask; box only.
 * ``export.json``: the settings a consumer needs (S, window, thresholds) and the checks.
 
 Boxes and mask prompts come from the CAM as in `sammix.models.cam.CamPrompter.prompts`.
@@ -38,8 +40,8 @@ from sammix.inference.graphs import DecoderForExport, EncoderForExport, closed_f
 from sammix.inference.sessions import FILES, onnx_session
 
 OPSET = 17
-FORMAT = "sammix-onnx/2"  # 2: the CAM is kept on tissue (models.cam.on_tissue)
-TOLERANCE = {"classifier": 1e-3, "encoder": 1e-3, "decoder": 1e-2}  # max abs diff allowed at export
+FORMAT = "sammix-onnx/3"  # 2: the CAM is kept on tissue (models.cam.on_tissue); 3: the refining decoder
+TOLERANCE = {"classifier": 1e-3, "encoder": 1e-3, "decoder": 1e-2, "decoder_refine": 1e-2}  # max abs diff allowed at export
 INT8_MAX_REL_ERROR = 0.15  # |int8 - fp32| / |fp32| of the embeddings allowed at export (typically 0.05-0.07)
 
 
@@ -120,6 +122,7 @@ def export_model(model, out, key: str | None = None) -> Path:
     x = _sample_slices(s, 3).to(device)
     enc = EncoderForExport(model.sam, inference_encoder(model).to(device)).eval()
     dec = DecoderForExport(model.sam, s).eval()
+    refiner = DecoderForExport(model.sam, s, model.refining_decoder()).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an export is as readable as the run it sits in
@@ -137,6 +140,8 @@ def export_model(model, out, key: str | None = None) -> Path:
                 dec_args += (mask_prompts[1:2].to(device),)
                 dec_names.append("mask_prompt")
             dec_ref = model.sam.decode(*dec_args, multimask=True, size=s)
+            refine_args = dec_args[:2]
+            refine_ref = refiner(*refine_args)
             # The classifier takes any batch (checked below on another batch size than exported);
             # TinyViT bakes its batch size into reshapes when traced, so encoder and decoder take one
             # slice per call (ONNX Runtime is as fast per slice at batch 1 as at batch 4 here).
@@ -144,12 +149,15 @@ def export_model(model, out, key: str | None = None) -> Path:
                     {"slices": {0: "batch"}, "logits": {0: "batch"}, "cams": {0: "batch"}})
             _export(enc, (x1,), tmp / FILES["encoder"], ["slices"], ["embeddings"])
             _export(dec, dec_args, tmp / FILES["decoder"], dec_names, ["masks", "scores"])
+            _export(refiner, refine_args, tmp / FILES["decoder_refine"], dec_names[:2], ["masks", "scores"])
         quantize_encoder(tmp / FILES["encoder"], tmp / FILES["encoder_int8"])
         diffs = {
             "classifier": _max_diff(onnx_session(tmp / FILES["classifier"]), {"slices": x}, (ref_logits, ref_cams)),
             "encoder": _max_diff(onnx_session(tmp / FILES["encoder"]), {"slices": x1}, (emb_ref,)),
             "decoder": _max_diff(onnx_session(tmp / FILES["decoder"]),
                                  dict(zip(dec_names, dec_args)), dec_ref),
+            "decoder_refine": _max_diff(onnx_session(tmp / FILES["decoder_refine"]),
+                                        dict(zip(dec_names, refine_args)), refine_ref),
         }
         int8_error = _relative_error(onnx_session(tmp / FILES["encoder_int8"]), {"slices": x1}, (emb_ref,))
         bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE[k]}

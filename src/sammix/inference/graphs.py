@@ -103,15 +103,18 @@ class EncoderForExport(nn.Module):
 
 
 class DecoderForExport(nn.Module):
-    """One slice's embedding + box + mask prompt -> SAM's three mask logits and their scores."""
+    """One slice's embedding + box + mask prompt -> SAM's three mask logits and their scores;
+    `decoder`: another mask decoder in place of the backbone's own (the refining one)."""
 
-    def __init__(self, backbone, size: int):
+    def __init__(self, backbone, size: int, decoder: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.size = size
+        self.decoder = decoder
 
     def forward(self, embeddings, box, mask_prompt=None):
-        return self.backbone.decode(embeddings, box, mask_prompt, multimask=True, size=self.size)
+        return self.backbone.decode(embeddings, box, mask_prompt, multimask=True, size=self.size,
+                                    decoder=self.decoder)
 
 
 def fuse_conv_bn(module: nn.Module) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 FILES = {"classifier": "classifier.onnx", "encoder": "encoder.onnx", "encoder_int8": "encoder-int8.onnx",
-         "decoder": "decoder.onnx"}
+         "decoder": "decoder.onnx", "decoder_refine": "decoder-refine.onnx"}
 
 
 _ARENA = []

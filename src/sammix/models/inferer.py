@@ -46,9 +46,10 @@ class Backend(Protocol):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Slices (B,1,S,S) in [0,1] -> SAM image embeddings."""
 
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor,
-               mask_prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings + boxes (B,4) -> SAM's three mask logits (B,3,S,S) and predicted IoUs (B,3)."""
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None,
+               refine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings + boxes (B,4) -> SAM's three mask logits (B,3,S,S) and predicted IoUs (B,3);
+        `refine`: through the refining decoder (`SamMix.refining_decoder`)."""
 
 
 def best_of_three(logits: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +124,23 @@ class SliceInferer:
         emb = self.backend.encode(self.sam_input(x, cams))
         if self.cfg.prompt_candidates and cams is not None and mask_prompts is None and not self.full_box:
             return self._choose(x, emb, cams)
-        logits, scores = best_of_three(*self.backend.decode(emb, boxes.float(), mask_prompts))
+        logits, scores = self._answer(emb, boxes.float(), mask_prompts)
         return logits, scores, boxes
+
+    def _answer(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None = None):
+        """SAM's best mask logits (P,S,S) and scores (P,) for embeddings (P,...) and boxes (P,4).
+        With `ModelConfig.refine`, SAM is asked again with the box of each non-empty answer,
+        through the refining decoder: the first answer finds the organ around a loose CAM box, the
+        second outlines it inside a box that fits."""
+        logits, scores = best_of_three(*self.backend.decode(emb, boxes, mask_prompts))
+        if not self.cfg.refine:
+            return logits, scores
+        found = [mask_to_box(m) for m in (logits > 0).numpy()]
+        rows = [j for j, b in enumerate(found) if b is not None]
+        if rows:
+            fitted = torch.from_numpy(np.stack([found[j] for j in rows])).float()
+            logits[rows], scores[rows] = best_of_three(*self.backend.decode(emb[rows], fitted, None, refine=True))
+        return logits, scores
 
     def sam_input(self, x: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
         """What SAM sees of slices (P,1,S,S): with organ levels (`ModelConfig.organ_levels`, from
@@ -149,7 +165,7 @@ class SliceInferer:
         logits, scores, boxes = [], [], []
         for i in range(len(emb)):
             tried = torch.from_numpy(candidate_boxes(cams[i].numpy(), per_threshold=CANDIDATES_PER_THRESHOLD))
-            l, s = best_of_three(*self.backend.decode(emb[i:i + 1].expand(len(tried), *emb.shape[1:]), tried, None))
+            l, s = self._answer(emb[i:i + 1].expand(len(tried), *emb.shape[1:]), tried.float())
             crops = torch.stack([keep_inside(x[i], mask_to_box(l[j] > 0)) for j in range(len(tried))])
             evidence = self.backend.classify(crops)[0]
             k = int(torch.argmax(s * evidence))
@@ -163,11 +179,13 @@ class SliceInferer:
         """Slices (B,1,S,S) -> {"probs", "present" (B,), "cams" (B,S,S) or None, "index" (P,) of
         the present slices, "logits" (P,S,S), "scores" (P,), "boxes" (P,4)}. Slices the gate
         calls organ-free skip SAM. Given `boxes` (B,4) (the ground-truth-box oracle), SAM is
-        prompted with them on every slice, with no classifier."""
+        prompted with them on every slice, with no gate; it sees each slice as the CAM prompt's
+        SAM does (`sam_input`), so the oracle changes the box and nothing else."""
         if boxes is None:
             probs, present, cams = self.gate(x, gate)
         else:
-            probs, present, cams = torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool), None
+            probs, present = torch.ones(len(x)), torch.ones(len(x), dtype=torch.bool)
+            cams = self.gate(x, gate=False)[2] if self.levels is not None else None
         index = present.nonzero().flatten()
         out = {"probs": probs, "present": present, "cams": cams, "index": index,
                "logits": torch.zeros(0, self.size, self.size), "scores": torch.zeros(0), "boxes": torch.zeros(0, 4)}
@@ -276,8 +294,7 @@ class SliceInferer:
             embedded[i] = emb
             if len(embedded) > slice_step:
                 del embedded[next(iter(embedded))]
-            out = best_of_three(*self.backend.decode(emb.expand(len(boxes), *emb.shape[1:]),
-                                                     torch.from_numpy(np.stack(boxes)).float(), None))
+            out = self._answer(emb.expand(len(boxes), *emb.shape[1:]), torch.from_numpy(np.stack(boxes)).float())
             if progress is not None and not segmented[i]:
                 progress.update(1)
             segmented[i] = True

@@ -255,12 +255,14 @@ class SamBackbone(nn.Module):
         mask_prompts: torch.Tensor | None = None,
         multimask: bool = True,
         size: int | tuple[int, int] | None = None,
+        decoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for each image from its prompts.
 
         boxes: (B, 4) xyxy in pixel coordinates of the (size x size) slice, or None (no box);
         mask_prompts: (B, 1, 256, 256) logits, or None. Returns mask logits (B, 3, H, W) and
-        predicted IoUs (B, 3) (1 instead of 3 when multimask is False).
+        predicted IoUs (B, 3) (1 instead of 3 when multimask is False). `decoder`: another
+        mask decoder in place of SAM's own (`SamMix.refining_decoder`).
         """
         h, w = (size, size) if isinstance(size, int) else (size or (self.size, self.size))
         e = self.encoder_size
@@ -278,13 +280,9 @@ class SamBackbone(nn.Module):
                 boxes=None if boxes is None else boxes[i : i + 1],
                 masks=None if mask_prompts is None else mask_prompts[i : i + 1],
             )
-            low, iou = self.sam.mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+            inputs = dict(image_embeddings=embeddings[i : i + 1], image_pe=pe, sparse_prompt_embeddings=sparse,
+                          dense_prompt_embeddings=dense, multimask_output=multimask)
+            low, iou = (decoder or self.sam.mask_decoder)(**inputs)
             masks.append(low)
             scores.append(iou)
         low = torch.cat(masks)

@@ -7,6 +7,8 @@ No human prompt is needed.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ class SamMix(nn.Module):
         self.prep = prep or PrepConfig()
         self.classifier = build_classifier(self.cfg)
         self.sam = build_sam(self.cfg)
+        # the decoder before fine-tuning, for the refining decoder (kept on the CPU: 16 MB for LiteMedSAM)
+        self.pretrained_decoder = {n: p.detach().cpu().clone() for n, p in self.sam.sam.mask_decoder.named_parameters()}
         self.prompter = CamPrompter(self.classifier, self.cfg.cam_layer, self.cfg.cam_threshold,
                                     mask_mode=self.cfg.mask_prompt)
 
@@ -69,9 +73,22 @@ class SamMix(nn.Module):
         return self.sam.encode(x.to(self.device))
 
     @torch.no_grad()
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None):
-        logits, scores = self.sam.decode(emb, boxes.to(emb.device), mask_prompts, size=self.size)
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, mask_prompts: torch.Tensor | None,
+               refine: bool = False):
+        decoder = self.refining_decoder() if refine else None
+        logits, scores = self.sam.decode(emb, boxes.to(emb.device), mask_prompts, size=self.size, decoder=decoder)
         return logits.float().cpu(), scores.float().cpu()
+
+    def refining_decoder(self) -> nn.Module:
+        """A copy of the mask decoder `cfg.refine_blend` of the way from its pretrained weights to
+        the fine-tuned ones (WiSE-FT's interpolation), for `SliceInferer._answer`'s second
+        question. Given a box that fits the organ, the pretrained decoder draws a closer outline
+        than the fine-tuned one, which has learnt to reach past loose CAM boxes (docs/results.md)."""
+        decoder = copy.deepcopy(self.sam.sam.mask_decoder).eval()
+        with torch.no_grad():
+            for n, p in decoder.named_parameters():
+                p.lerp_(self.pretrained_decoder[n].to(p.device), 1.0 - float(self.cfg.refine_blend))
+        return decoder
 
     def predict_slices(self, x: torch.Tensor, gate: bool = True,
                        boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
