@@ -8,7 +8,6 @@ No human prompt is needed.
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 
 import numpy as np
