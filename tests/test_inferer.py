@@ -25,7 +25,7 @@ class ObjectsBackend:
     `wrong_cam` slices where it points at the distractor. "SAM" returns the object that fills most
     of the box it is given (score 0.9), or nothing (score 0.1)."""
 
-    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4)
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
     size = S
 
     def __init__(self, z=24, organ=range(4, 20), wrong_cam=(6, 7, 15), gate_extra=(20, 21)):
@@ -115,7 +115,7 @@ class ConfidentNeighbourBackend(NeighbourOrganBackend):
     classifier passes the slices past the organ's end (`gate_extra`) at a third of its
     probability on the organ (0.3, above a gate of 0.2)."""
 
-    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4)
+    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4, level_check=False)
 
     def classify(self, x):
         probs, cams = super().classify(x)
@@ -147,6 +147,41 @@ def test_without_volume_context_the_gate_and_cam_decide_each_slice():
     masks = out["logits"] > 0
     assert (out["present"] == (backend.organ.any(axis=(1, 2)) | np.isin(np.arange(24), [20, 21]))).all()
     assert all(dice_score(masks[i], backend.distractor) == 1.0 for i in (20, 21))  # what propagation stops
+
+
+class LevelsOfObjectsBackend(ObjectsBackend):
+    """ObjectsBackend with the level check on, over slices that show the objects: the organ at
+    0.5, the distractor at 0.2 (another organ's intensity), the slice's index in its corner."""
+
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=True)
+
+    def volume(self) -> torch.Tensor:
+        x = torch.from_numpy(0.5 * self.organ + 0.2 * self.distractor).float()[:, None]
+        x[:, 0, 0, 0] = torch.arange(len(x), dtype=torch.float32)
+        return x
+
+
+def test_the_level_check_asks_again_from_the_neighbour_and_empties_masks_off_the_organ():
+    backend = LevelsOfObjectsBackend()
+    x = backend.volume()
+    out = SliceInferer(backend).predict_volume(x)
+    masks = out["logits"] > 0
+    # the CAM's wrong boxes (6, 7, 15) are asked again from their neighbours' masks and find the
+    # organ; the gate's slices past its end (20, 21) hold only the distractor and are emptied
+    assert out["present"][20] and out["present"][21]
+    for i in range(len(backend.organ)):
+        assert dice_score(masks[i], backend.organ[i]) == 1.0, i
+    assert not masks[20:].any()
+    assert out["level_check"] == {"found_again": 3, "emptied": 2}
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
+    unchecked = SliceInferer(backend).predict_volume(x)["logits"] > 0
+    assert all(dice_score(unchecked[i], backend.distractor) == 1.0 for i in (6, 7, 15, 20, 21))
+
+
+def test_the_level_check_needs_enough_slices_to_know_the_organ_level():
+    backend = LevelsOfObjectsBackend(z=4, organ=range(0, 3), wrong_cam=(1,), gate_extra=())
+    masks = SliceInferer(backend).predict_volume(backend.volume())["logits"] > 0
+    assert dice_score(masks[1], backend.distractor) == 1.0  # 3 slices with a mask: left as they are
 
 
 class GateMissBackend(ObjectsBackend):

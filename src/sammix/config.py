@@ -39,7 +39,8 @@ class PrepConfig:
 
 
 # ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
-INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level", "refine")
+INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level", "refine",
+                      "level_check")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ModelConfig:
     organ_levels: tuple[float, float] | None = None
     match_level: bool = True  # SAM sees a slice whose organ is outside organ_levels shifted into them (SliceInferer.sam_input)
     refine: bool = False  # SAM answers again, prompted with the box of its first mask, through the refining decoder (SliceInferer._answer)
+    level_check: bool = True  # volumes: a mask off the organ's intensity in the volume is asked again from its neighbour, or emptied (SliceInferer._check_levels)
     refine_blend: float = 0.75  # the refining decoder: this share of the decoder's fine-tuning on its pretrained weights
 
     def calibrated(self, weights: dict):

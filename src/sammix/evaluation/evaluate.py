@@ -88,10 +88,11 @@ def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
 
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
     """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
-    masks, probs, present, cams, boxes, scores. With volume context (`ModelConfig.propagate`), each
-    run of adjacent slices of a case is predicted as a volume (`SliceInferer.predict_volume`)."""
+    masks, probs, present, cams, boxes, scores. With volume context or the level check
+    (`ModelConfig.propagate`, `level_check`), each run of adjacent slices of a case is predicted as
+    a volume (`SliceInferer.predict_volume`), as `predict` does."""
     images = slices.images[idx]
-    if not model.cfg.propagate:
+    if not (model.cfg.propagate or model.cfg.level_check):
         parts = []
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
             x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
@@ -109,6 +110,8 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
         res = inferer.predict_volume(x, batch_size=batch_size)
         out["masks"][pos] = (res["logits"] > 0).numpy()
         out["probs"][pos], out["present"][pos], out["boxes"][pos] = res["probs"], res["present"], res["boxes"]
+        if res["cams"] is not None:
+            out["cams"][pos] = res["cams"].numpy()
     return out
 
 

@@ -32,6 +32,11 @@ PROPAGATE_END_PROB = 0.5
 PROPAGATE_END_GROWTH = 1.2
 CANDIDATES_PER_THRESHOLD = 3  # prompt candidates: CAM components tried at each threshold
 LEVEL_CAM = 0.5  # the organ's level in a slice: the median intensity where its CAM is at least this
+# the level check of volumes (`SliceInferer._check_levels`): a mask whose median intensity is this far
+# (in the model's input scale; 20 HU at the default window width of 255 HU) from the organ's level in
+# the volume's surest slices is on another structure
+LEVEL_CHECK_TOLERANCE = 0.08
+LEVEL_CHECK_MIN_SLICES = 5  # fewer slices with a mask than this: no level to check against
 
 
 class Backend(Protocol):
@@ -232,10 +237,58 @@ class SliceInferer:
             logits, segmented = self._propagate(x, cams, probs.numpy(), present, boxes, slice_step, progress)
         else:
             logits, segmented = self._stepped(x, cams, present, slice_step, batch_size, boxes, progress)
+        checked = None
+        if self.cfg.level_check and cams is not None:
+            checked = self._check_levels(x, cams, probs.numpy(), logits, boxes)
         if progress is not None:
             progress.update(z - int(segmented.sum()))
         return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented,
-                "boxes": boxes.numpy()}
+                "boxes": boxes.numpy(), "cams": cams, "level_check": checked}
+
+    def _check_levels(self, x, cams, probs: np.ndarray, logits: torch.Tensor, boxes: torch.Tensor) -> dict | None:
+        """The level check of a volume's masks, in place: within one scan the organ has one
+        intensity, and a mask on the kidney, the bowel, bone or fat has another.
+
+        The organ's level is the median, over the slices with a mask whose organ probability is
+        at least the median of theirs, of each mask's median intensity. A mask further than
+        LEVEL_CHECK_TOLERANCE from it is off the organ: next to a slice whose mask is on it, SAM is
+        asked again with that neighbour's mask box grown by PROPAGATE_GROW (as volume context
+        does), and its answer kept if it is at the organ's level, which makes it a neighbour in
+        turn; every other off-level mask is emptied. So slices the gate passed below or above
+        the organ lose their masks, and a slice whose CAM box fell on another structure inside
+        the organ's extent is prompted from the slice next to it. Returns the counts of masks
+        found again and emptied (None where the volume has too few masks to check)."""
+        masks = logits > 0
+        has = masks.flatten(1).any(1).numpy()
+        if has.sum() < LEVEL_CHECK_MIN_SLICES:
+            return None
+        level = np.full(len(x), np.nan)
+        for i in np.flatnonzero(has):
+            level[i] = float(x[i, 0][masks[i]].median())
+        core = has & (probs >= np.median(probs[has]))
+        organ = float(np.median(level[core]))
+        on = has & (np.abs(level - organ) <= LEVEL_CHECK_TOLERANCE)
+        off = set(np.flatnonzero(has & ~on).tolist())
+        frontier = sorted(i for i in off if (i > 0 and on[i - 1]) or (i + 1 < len(x) and on[i + 1]))
+        counts = {"found_again": 0, "emptied": len(off)}
+        while frontier:
+            i = frontier.pop(0)
+            off.discard(i)
+            near = i - 1 if i > 0 and on[i - 1] else i + 1
+            box = expand_box(mask_to_box(logits[near] > 0), PROPAGATE_GROW, self.size, pixels=2.0)
+            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            answer, _ = self._answer(emb, torch.from_numpy(box)[None].float())
+            found = answer[0] > 0
+            if found.any() and abs(float(x[i, 0][found].median()) - organ) <= LEVEL_CHECK_TOLERANCE:
+                logits[i], boxes[i], on[i] = answer[0], torch.from_numpy(box), True
+                counts["found_again"] += 1
+                counts["emptied"] -= 1
+                frontier.extend(j for j in (i - 1, i + 1) if j in off and j not in frontier)
+            else:
+                logits[i] = 0.0
+        for i in off:
+            logits[i] = 0.0
+        return counts
 
     def _stepped(self, x, cams, present, slice_step: int, batch_size: int, boxes: torch.Tensor, progress):
         z = x.shape[0]
