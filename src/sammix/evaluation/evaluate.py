@@ -88,20 +88,12 @@ def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
 
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
     """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
-    masks, probs, present, cams, boxes, scores. With volume context or the level check
-    (`ModelConfig.propagate`, `level_check`), each run of adjacent slices of a case is predicted as
-    a volume (`SliceInferer.predict_volume`), as `predict` does."""
-    images = slices.images[idx]
-    if not (model.cfg.propagate or model.cfg.level_check):
-        parts = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-            x = torch.from_numpy(images[start:start + batch_size].astype(np.float32) / 255.0).unsqueeze(1)
-            parts.append(model.predict_slices(x))
-        return {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]}
-    n, s = len(idx), images.shape[-1]
+    masks, probs, present, boxes. Each run of adjacent slices of a case is predicted as a volume
+    (`SliceInferer.predict_volume`), as `predict` does: volume context and the level check see
+    what they would see there; a lone slice is a volume of one."""
+    n, s = len(idx), slices.images.shape[-1]
     out = {"masks": np.zeros((n, s, s), bool), "probs": np.zeros(n, np.float32), "present": np.zeros(n, bool),
-           "cams": np.zeros((n, s, s), np.float32), "boxes": np.full((n, 4), np.nan, np.float32),
-           "scores": np.zeros(n, np.float32)}
+           "boxes": np.full((n, 4), np.nan, np.float32)}
     where = {int(i): j for j, i in enumerate(idx)}
     inferer = SliceInferer(model.eval())
     for run in tqdm(adjacent_runs(slices, idx), desc=desc, unit="volume", leave=False):
@@ -110,8 +102,6 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
         res = inferer.predict_volume(x, batch_size=batch_size)
         out["masks"][pos] = (res["logits"] > 0).numpy()
         out["probs"][pos], out["present"][pos], out["boxes"][pos] = res["probs"], res["present"], res["boxes"]
-        if res["cams"] is not None:
-            out["cams"][pos] = res["cams"].numpy()
     return out
 
 

@@ -243,7 +243,7 @@ class SliceInferer:
         if progress is not None:
             progress.update(z - int(segmented.sum()))
         return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented,
-                "boxes": boxes.numpy(), "cams": cams, "level_check": checked}
+                "boxes": boxes.numpy(), "level_check": checked}
 
     def _check_levels(self, x, cams, probs: np.ndarray, logits: torch.Tensor, boxes: torch.Tensor) -> dict | None:
         """The level check of a volume's masks, in place: within one scan the organ has one
