@@ -129,15 +129,15 @@ def _eval_sets(trainer, model, out: Path) -> dict:
 
 
 def _volumes(paths: list[Path], prep, model, cache: Path) -> tuple[list[dict], dict]:
-    """Every run of adjacent slices of each case of `paths` as a volume {"name", "x", "masks"},
+    """Each case of `paths` as a volume {"name", "x", "masks"},
     and the embeddings of all their slices."""
-    from sammix.evaluation.evaluate import adjacent_runs
+    from sammix.evaluation.evaluate import case_slices
     from sammix.training.slices import load_sources
 
     vols = []
     for path in paths:
         slices = load_sources([path], prep, None, masks=True)
-        for run in adjacent_runs(slices, np.arange(len(slices))):
+        for run in case_slices(slices, np.arange(len(slices))):
             vols.append({"name": f"{path.name}/{slices.case[run[0]]}", "x": _images(slices.images[run]),
                          "masks": slices.masks[run] > 0})
     x = torch.cat([v["x"] for v in vols])

@@ -178,6 +178,19 @@ def test_the_level_check_asks_again_from_the_neighbour_and_empties_masks_off_the
     assert all(dice_score(unchecked[i], backend.distractor) == 1.0 for i in (6, 7, 15, 20, 21))
 
 
+@pytest.mark.parametrize("propagate", [False, True], ids=["slice_by_slice", "volume_context"])
+def test_the_level_check_sees_a_sampled_scan_whole(propagate):
+    # slices sampled from one scan, as a case of a slice folder is: the CAM box on slice 15 is on the
+    # distractor, and the nearest sampled slice (12, three slices away) gives the box that finds the organ
+    backend = LevelsOfObjectsBackend(wrong_cam=(15,), gate_extra=())
+    positions = [4, 6, 9, 12, 15, 18]
+    out = SliceInferer(backend).predict_volume(backend.volume()[positions], positions=positions, propagate=propagate)
+    masks = out["logits"] > 0
+    for j, i in enumerate(positions):
+        assert dice_score(masks[j], backend.organ[i]) == 1.0, i
+    assert out["level_check"] == {"found_again": 1, "emptied": 0}
+
+
 def test_the_level_check_needs_enough_slices_to_know_the_organ_level():
     backend = LevelsOfObjectsBackend(z=4, organ=range(0, 3), wrong_cam=(1,), gate_extra=())
     masks = SliceInferer(backend).predict_volume(backend.volume())["logits"] > 0

@@ -74,32 +74,30 @@ def per_case_dice(slices, idx: np.ndarray, masks: np.ndarray) -> dict[str, float
     return result
 
 
-def adjacent_runs(slices, idx: np.ndarray) -> list[np.ndarray]:
-    """`idx` cut into the runs of adjacent slices (consecutive slice indices) of each case, each
-    in order from inferior to superior."""
+def case_slices(slices, idx: np.ndarray) -> list[np.ndarray]:
+    """`idx` grouped by case, each case's slices in order from inferior to superior."""
     runs = []
     for case in dict.fromkeys(slices.case[idx]):
         sel = idx[slices.case[idx] == case]
-        sel = sel[np.argsort(slices.slice_index[sel])]
-        cuts = np.flatnonzero(np.diff(slices.slice_index[sel]) != 1) + 1
-        runs.extend(np.split(sel, cuts))
+        runs.append(sel[np.argsort(slices.slice_index[sel])])
     return runs
 
 
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
     """Run `model` (a SamMix) over the slices `idx` of `slices`; numpy results per index of `idx`:
-    masks, probs, present, boxes. Each run of adjacent slices of a case is predicted as a volume
-    (`SliceInferer.predict_volume`), as `predict` does: volume context and the level check see
-    what they would see there; a lone slice is a volume of one."""
+    masks, probs, present, boxes. The slices of a case are one scan, predicted as a volume
+    (`SliceInferer.predict_volume`) at their slice indices: volume context works on its runs of
+    adjacent slices as `predict` does on a whole volume, and the level check sees the whole scan;
+    a lone slice is a volume of one."""
     n, s = len(idx), slices.images.shape[-1]
     out = {"masks": np.zeros((n, s, s), bool), "probs": np.zeros(n, np.float32), "present": np.zeros(n, bool),
            "boxes": np.full((n, 4), np.nan, np.float32)}
     where = {int(i): j for j, i in enumerate(idx)}
     inferer = SliceInferer(model.eval())
-    for run in tqdm(adjacent_runs(slices, idx), desc=desc, unit="volume", leave=False):
-        pos = [where[int(i)] for i in run]
-        x = torch.from_numpy(slices.images[run].astype(np.float32) / 255.0).unsqueeze(1)
-        res = inferer.predict_volume(x, batch_size=batch_size)
+    for case in tqdm(case_slices(slices, idx), desc=desc, unit="case", leave=False):
+        pos = [where[int(i)] for i in case]
+        x = torch.from_numpy(slices.images[case].astype(np.float32) / 255.0).unsqueeze(1)
+        res = inferer.predict_volume(x, batch_size=batch_size, positions=slices.slice_index[case])
         out["masks"][pos] = (res["logits"] > 0).numpy()
         out["probs"][pos], out["present"][pos], out["boxes"][pos] = res["probs"], res["present"], res["boxes"]
     return out

@@ -37,6 +37,9 @@ LEVEL_CAM = 0.5  # the organ's level in a slice: the median intensity where its 
 # the volume's surest slices is on another structure
 LEVEL_CHECK_TOLERANCE = 0.08
 LEVEL_CHECK_MIN_SLICES = 5  # fewer slices with a mask than this: no level to check against
+# a mask found again is prompted with its neighbour's mask box at each of these sizes (share of the
+# box added on each side; toward the organ's ends the organ shrinks, more so across a gap in the slices)
+LEVEL_CHECK_SIZES = (-0.3, -0.15, 0.0, PROPAGATE_GROW)
 
 
 class Backend(Protocol):
@@ -208,10 +211,13 @@ class SliceInferer:
 
     # -- volumes --------------------------------------------------------------------------------
     def predict_volume(self, x: torch.Tensor, gate: bool = True, slice_step: int = 1, batch_size: int = 8,
-                       progress=None, propagate: bool | None = None) -> dict:
-        """The ordered, adjacent slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs",
-        "present", "segmented" (Z,) bool: the slices SAM saw, "boxes" (Z,4): the box each was
-        prompted with (NaN where SAM did not run)}.
+                       progress=None, propagate: bool | None = None, positions=None) -> dict:
+        """The ordered slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs", "present",
+        "segmented" (Z,) bool: the slices SAM saw, "boxes" (Z,4): the box each was prompted with
+        (NaN where SAM did not run)}. `positions` (Z,): the slices' indices in the scan, ascending
+        (default: adjacent); where they jump, the scan was sampled, and stepping and volume
+        context, which need neighbours, run on each run of adjacent slices apart, while the level
+        check sees the whole scan.
 
         The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
         run's `ModelConfig.propagate`; see `_propagate`, which takes `slice_step` too), or SAM with
@@ -233,10 +239,17 @@ class SliceInferer:
         present = present.numpy()
         propagate = self.cfg.propagate if propagate is None else propagate
         boxes = torch.full((z, 4), float("nan"))
-        if propagate and cams is not None and present.any():
-            logits, segmented = self._propagate(x, cams, probs.numpy(), present, boxes, slice_step, progress)
-        else:
-            logits, segmented = self._stepped(x, cams, present, slice_step, batch_size, boxes, progress)
+        logits, segmented = torch.zeros(z, self.size, self.size), np.zeros(z, bool)
+        positions = np.arange(z) if positions is None else np.asarray(positions)
+        for run in np.split(np.arange(z), np.flatnonzero(np.diff(positions) != 1) + 1):
+            a, b = run[0], run[-1] + 1
+            part = None if cams is None else cams[a:b]
+            if propagate and part is not None and present[a:b].any():
+                logits[a:b], segmented[a:b] = self._propagate(x[a:b], part, probs[a:b].numpy(), present[a:b],
+                                                              boxes[a:b], slice_step, progress)
+            else:
+                logits[a:b], segmented[a:b] = self._stepped(x[a:b], part, present[a:b], slice_step, batch_size,
+                                                            boxes[a:b], progress)
         checked = None
         if self.cfg.level_check and cams is not None:
             checked = self._check_levels(x, cams, probs.numpy(), logits, boxes)
@@ -252,9 +265,10 @@ class SliceInferer:
         The organ's level is the median, over the slices with a mask whose organ probability is
         at least the median of theirs, of each mask's median intensity. A mask further than
         LEVEL_CHECK_TOLERANCE from it is off the organ: next to a slice whose mask is on it, SAM is
-        asked again with that neighbour's mask box grown by PROPAGATE_GROW (as volume context
-        does), and its answer kept if it is at the organ's level, which makes it a neighbour in
-        turn; every other off-level mask is emptied. So slices the gate passed below or above
+        asked again with that neighbour's mask box at LEVEL_CHECK_SIZES, and its best-scored
+        answer at the organ's level is kept, which makes the slice a neighbour in turn; every
+        other off-level mask is emptied. The slices are taken in order: a neighbour may be
+        several slices away where the scan was sampled (`predict_volume`'s `positions`). So slices the gate passed below or above
         the organ lose their masks, and a slice whose CAM box fell on another structure inside
         the organ's extent is prompted from the slice next to it. Returns the counts of masks
         found again and emptied (None where the volume has too few masks to check)."""
@@ -274,13 +288,16 @@ class SliceInferer:
         while frontier:
             i = frontier.pop(0)
             off.discard(i)
-            near = i - 1 if i > 0 and on[i - 1] else i + 1
-            box = expand_box(mask_to_box(logits[near] > 0), PROPAGATE_GROW, self.size, pixels=2.0)
+            near = mask_to_box(logits[i - 1 if i > 0 and on[i - 1] else i + 1] > 0)
+            tried = torch.from_numpy(np.stack([expand_box(near, size, self.size, pixels=2.0 * (size > 0))
+                                               for size in LEVEL_CHECK_SIZES])).float()
             emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
-            answer, _ = self._answer(emb, torch.from_numpy(box)[None].float())
-            found = answer[0] > 0
-            if found.any() and abs(float(x[i, 0][found].median()) - organ) <= LEVEL_CHECK_TOLERANCE:
-                logits[i], boxes[i], on[i] = answer[0], torch.from_numpy(box), True
+            answers, scores = self._answer(emb.expand(len(tried), *emb.shape[1:]), tried)
+            fits = [j for j, found in enumerate(answers > 0)
+                    if found.any() and abs(float(x[i, 0][found].median()) - organ) <= LEVEL_CHECK_TOLERANCE]
+            if fits:
+                best = max(fits, key=lambda j: float(scores[j]))
+                logits[i], boxes[i], on[i] = answers[best], tried[best], True
                 counts["found_again"] += 1
                 counts["emptied"] -= 1
                 frontier.extend(j for j in (i - 1, i + 1) if j in off and j not in frontier)
