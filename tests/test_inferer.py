@@ -172,7 +172,7 @@ def test_the_level_check_asks_again_from_the_neighbour_and_empties_masks_off_the
     for i in range(len(backend.organ)):
         assert dice_score(masks[i], backend.organ[i]) == 1.0, i
     assert not masks[20:].any()
-    assert out["level_check"] == {"found_again": 3, "emptied": 2}
+    assert out["level_check"] == {"fitted": 0, "found_again": 3, "emptied": 2}
     backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
     unchecked = SliceInferer(backend).predict_volume(x)["logits"] > 0
     assert all(dice_score(unchecked[i], backend.distractor) == 1.0 for i in (6, 7, 15, 20, 21))
@@ -188,7 +188,49 @@ def test_the_level_check_sees_a_sampled_scan_whole(propagate):
     masks = out["logits"] > 0
     for j, i in enumerate(positions):
         assert dice_score(masks[j], backend.organ[i]) == 1.0, i
-    assert out["level_check"] == {"found_again": 1, "emptied": 0}
+    assert out["level_check"] == {"fitted": 0, "found_again": 1, "emptied": 0}
+
+
+class LeakingBackend(LevelsOfObjectsBackend):
+    """On slice 8 a strip of another structure (at 0.2) runs from the organ's edge to the slice's;
+    the CAM covers both, and "SAM" answers a box that holds most of the strip with the organ and
+    the strip together: a mask whose median is still the organ's level."""
+
+    def __init__(self):
+        super().__init__(wrong_cam=(), gate_extra=())
+        self.strip = np.zeros((S, S), bool)
+        self.strip[20:26, 40:] = True
+
+    def volume(self) -> torch.Tensor:
+        x = super().volume()
+        x[8, 0][torch.from_numpy(self.strip)] = 0.2
+        return x
+
+    def classify(self, x):
+        probs, cams = super().classify(x)
+        for j, i in enumerate(x[:, 0, 0, 0].round().long().tolist()):
+            if i == 8:
+                cams[j] = torch.from_numpy((self.organ[8] | self.strip).astype(np.float32))
+        return probs, cams
+
+    def decode(self, emb, boxes, mask_prompts):
+        logits, scores = super().decode(emb, boxes, mask_prompts)
+        for j, (e, box) in enumerate(zip(emb, boxes)):
+            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            if int(e[0]) == 8 and self.strip[y1:y2 + 1, x1:x2 + 1].sum() >= 0.5 * self.strip.sum():
+                logits[j][:, torch.from_numpy(self.strip)] = 8.0
+        return logits, scores
+
+
+def test_the_level_check_fits_a_mask_that_reaches_past_the_organ():
+    backend = LeakingBackend()
+    x = backend.volume()
+    out = SliceInferer(backend).predict_volume(x)
+    assert dice_score(out["logits"][8] > 0, backend.organ[8]) == 1.0
+    assert out["level_check"] == {"fitted": 1, "found_again": 0, "emptied": 0}
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
+    unchecked = SliceInferer(backend).predict_volume(x)["logits"][8] > 0
+    assert dice_score(unchecked, backend.organ[8] | backend.strip) == 1.0
 
 
 def test_the_level_check_needs_enough_slices_to_know_the_organ_level():

@@ -67,7 +67,7 @@ class ModelConfig:
     match_level: bool = True  # SAM sees a slice whose organ is outside organ_levels shifted into them (SliceInferer.sam_input)
     refine: bool = False  # SAM answers again, prompted with the box of its first mask, through the refining decoder (SliceInferer._answer)
     refine_blend: float = 0.75  # the refining decoder: this share of the decoder's fine-tuning on its pretrained weights
-    level_check: bool = True  # volumes: a mask off the organ's intensity in the volume is asked again from its neighbour, or emptied (SliceInferer._check_levels)
+    level_check: bool = True  # volumes: a mask off the organ's intensity in the volume is asked again from its neighbour, or emptied; one reaching past it is fitted (SliceInferer._check_levels)
 
     def calibrated(self, weights: dict):
         """This config with what training chose on its data (gate and CAM thresholds, organ levels),

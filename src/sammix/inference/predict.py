@@ -147,7 +147,7 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
         "slices_classified_present": int(facts["present"].sum()),
         "slices_segmented": int(facts["segmented"].sum()),
         "slice_step": int(slice_step),
-        "level_check": facts["level_check"],  # masks off the organ's intensity: found again from a neighbour, emptied
+        "level_check": facts["level_check"],  # masks fitted to the organ's intensity, found again, emptied
         "slices_with_organ": int(len(with_organ)),
         "organ_slice_range": None if not len(with_organ) else [int(with_organ[0]), int(with_organ[-1])],
         "slice_order": "axial, index 0 the most inferior slice",

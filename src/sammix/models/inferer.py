@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from sammix.config import ModelConfig
 from sammix.models.cam import TISSUE_LEVEL, CamPrompts, candidate_boxes
@@ -40,6 +41,10 @@ LEVEL_CHECK_MIN_SLICES = 5  # fewer slices with a mask than this: no level to ch
 # a mask found again is prompted with its neighbour's mask box at each of these sizes (share of the
 # box added on each side; toward the organ's ends the organ shrinks, more so across a gap in the slices)
 LEVEL_CHECK_SIZES = (-0.3, -0.15, 0.0, PROPAGATE_GROW)
+# a mask at the organ's level whose part at that level (on the slice median-filtered over this many
+# pixels) has a box that covers less than this share of the mask's box reaches past the organ
+LEVEL_FIT_SMOOTH = 5
+LEVEL_FIT_SHARE = 0.5
 
 
 class Backend(Protocol):
@@ -76,6 +81,19 @@ def keep_inside(x: torch.Tensor, box) -> torch.Tensor:
         x1, y1, x2, y2 = (int(v) for v in box)
         kept[..., y1:y2 + 1, x1:x2 + 1] = x[..., y1:y2 + 1, x1:x2 + 1]
     return kept
+
+
+def _covered(box, by) -> float:
+    """The share of xyxy `box`'s pixels inside xyxy box `by`."""
+    (x1, y1, x2, y2), (u1, v1, u2, v2) = box, by
+    inside = max(0.0, min(x2, u2) - max(x1, u1) + 1) * max(0.0, min(y2, v2) - max(y1, v1) + 1)
+    return float(inside / ((x2 - x1 + 1) * (y2 - y1 + 1)))
+
+
+def _at_level(image: torch.Tensor, found: torch.Tensor, organ: float) -> bool:
+    """Whether a mask is on the organ: its median intensity within LEVEL_CHECK_TOLERANCE of the
+    organ's level."""
+    return bool(found.any()) and abs(float(image[found].median()) - organ) <= LEVEL_CHECK_TOLERANCE
 
 
 def _runs(present: np.ndarray) -> list[tuple[int, int]]:
@@ -263,15 +281,17 @@ class SliceInferer:
         intensity, and a mask on the kidney, the bowel, bone or fat has another.
 
         The organ's level is the median, over the slices with a mask whose organ probability is
-        at least the median of theirs, of each mask's median intensity. A mask further than
-        LEVEL_CHECK_TOLERANCE from it is off the organ: next to a slice whose mask is on it, SAM is
-        asked again with that neighbour's mask box at LEVEL_CHECK_SIZES, and its best-scored
-        answer at the organ's level is kept, which makes the slice a neighbour in turn; every
-        other off-level mask is emptied. The slices are taken in order: a neighbour may be
-        several slices away where the scan was sampled (`predict_volume`'s `positions`). So slices the gate passed below or above
-        the organ lose their masks, and a slice whose CAM box fell on another structure inside
-        the organ's extent is prompted from the slice next to it. Returns the counts of masks
-        found again and emptied (None where the volume has too few masks to check)."""
+        at least the median of theirs, of each mask's median intensity. A mask within
+        LEVEL_CHECK_TOLERANCE of it is on the organ, and is fitted to it (`_fit_to_level`). A mask
+        further away is off the organ: next to a slice whose mask is on it, SAM is asked again
+        with that neighbour's mask box at LEVEL_CHECK_SIZES, and its best-scored answer at the
+        organ's level is kept, which makes the slice a neighbour in turn; every other off-level
+        mask is emptied. The slices are taken in order: a neighbour may be several slices away
+        where the scan was sampled (`predict_volume`'s `positions`). So slices the gate passed
+        below or above the organ lose their masks, and a slice whose CAM box fell on another
+        structure inside the organ's extent is prompted from the slice next to it. Returns the
+        counts of masks fitted, found again and emptied (None where the volume has too few masks
+        to check)."""
         masks = logits > 0
         has = masks.flatten(1).any(1).numpy()
         if has.sum() < LEVEL_CHECK_MIN_SLICES:
@@ -283,8 +303,9 @@ class SliceInferer:
         organ = float(np.median(level[core]))
         on = has & (np.abs(level - organ) <= LEVEL_CHECK_TOLERANCE)
         off = set(np.flatnonzero(has & ~on).tolist())
+        counts = {"fitted": self._fit_to_level(x, cams, logits, boxes, np.flatnonzero(on), organ),
+                  "found_again": 0, "emptied": len(off)}
         frontier = sorted(i for i in off if (i > 0 and on[i - 1]) or (i + 1 < len(x) and on[i + 1]))
-        counts = {"found_again": 0, "emptied": len(off)}
         while frontier:
             i = frontier.pop(0)
             off.discard(i)
@@ -293,8 +314,7 @@ class SliceInferer:
                                                for size in LEVEL_CHECK_SIZES])).float()
             emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
             answers, scores = self._answer(emb.expand(len(tried), *emb.shape[1:]), tried)
-            fits = [j for j, found in enumerate(answers > 0)
-                    if found.any() and abs(float(x[i, 0][found].median()) - organ) <= LEVEL_CHECK_TOLERANCE]
+            fits = [j for j in range(len(tried)) if _at_level(x[i, 0], answers[j] > 0, organ)]
             if fits:
                 best = max(fits, key=lambda j: float(scores[j]))
                 logits[i], boxes[i], on[i] = answers[best], tried[best], True
@@ -306,6 +326,32 @@ class SliceInferer:
         for i in off:
             logits[i] = 0.0
         return counts
+
+    def _fit_to_level(self, x, cams, logits: torch.Tensor, boxes: torch.Tensor, slices, organ: float) -> int:
+        """Masks at the organ's level that reach past the organ, asked again, in place. A mask
+        that takes in the organ and the colon or fat beside it can have its median at the organ's
+        level; its part at that level (the largest, opened by 3x3; its box grown by 2 px) has
+        a box that covers less than LEVEL_FIT_SHARE of the mask's, and SAM asked with that box
+        answers the organ alone.
+        The answer is kept where it is at the organ's level. Returns how many were fitted."""
+        fitted = 0
+        for i in slices:
+            mask, image = (logits[i] > 0).numpy(), x[i, 0].numpy()
+            level = np.abs(ndimage.median_filter(image, LEVEL_FIT_SMOOTH) - organ) <= LEVEL_CHECK_TOLERANCE
+            part, n = ndimage.label(ndimage.binary_opening(mask & level, np.ones((3, 3), bool)))
+            if not n:
+                continue
+            part = part == 1 + int(np.argmax(ndimage.sum_labels(part > 0, part, np.arange(1, n + 1))))
+            box = expand_box(mask_to_box(part), 0.0, self.size, pixels=2.0)  # the filters' erosion back
+            if _covered(mask_to_box(mask), box) >= LEVEL_FIT_SHARE:
+                continue
+            box = torch.from_numpy(box)
+            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            answer, _ = self._answer(emb, box[None].float())
+            if _at_level(x[i, 0], answer[0] > 0, organ):
+                logits[i], boxes[i] = answer[0], box
+                fitted += 1
+        return fitted
 
     def _stepped(self, x, cams, present, slice_step: int, batch_size: int, boxes: torch.Tensor, progress):
         z = x.shape[0]
