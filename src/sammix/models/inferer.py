@@ -332,8 +332,8 @@ class SliceInferer:
         that takes in the organ and the colon or fat beside it can have its median at the organ's
         level; its part at that level (the largest, opened by 3x3; its box grown by 2 px) has
         a box that covers less than LEVEL_FIT_SHARE of the mask's, and SAM asked with that box
-        answers the organ alone.
-        The answer is kept where it is at the organ's level. Returns how many were fitted."""
+        answers the organ alone. The answer is kept where it is at the organ's level. Returns how
+        many masks were fitted."""
         fitted = 0
         for i in slices:
             mask, image = (logits[i] > 0).numpy(), x[i, 0].numpy()
