@@ -400,14 +400,25 @@ class Grid:
         return SamMix(cfg.model, cfg.prep).to(resolve_device(device)).eval()
 
     def predict(self, model, cell: Cell, ts: TestSet) -> dict:
-        """Predictions for ts.idx: masks, present, boxes, cams (numpy). The oracle gets each
-        slice's ground-truth box and skips organ-free slices (it knows there is nothing)."""
+        """Predictions for ts.idx: masks, present, boxes, cams (numpy). SAM-Mix predicts each case
+        as one scan, as `evaluate` does (`evaluate.predict_all`); the other methods slice by slice.
+        The oracle gets each slice's ground-truth box and skips organ-free slices (it knows there
+        is nothing)."""
         import torch
         from tqdm import tqdm
 
         from sammix.masks import mask_to_box
 
         n, s = len(ts.idx), self.spec.prep.size
+        if cell.method == "sammix":  # as `evaluate` scores a run: each case one scan, with the level check
+            from sammix.evaluation.evaluate import predict_all
+            from sammix.models.inferer import SliceInferer
+
+            pred = predict_all(model, ts.slices, ts.idx, desc=f"{cell.name} on {ts.name}")
+            x = torch.from_numpy(ts.slices.images[ts.idx[ts.qual]].astype(np.float32) / 255.0).unsqueeze(1)
+            cams = SliceInferer(model.eval()).gate(x, gate=False)[2]
+            return {"masks": pred["masks"], "present": pred["present"], "boxes": pred["boxes"],
+                    "qual_cams": cams.numpy().astype(np.float32)}
         out = {"masks": np.zeros((n, s, s), bool), "present": np.zeros(n, bool),
                "boxes": np.full((n, 4), np.nan, np.float32)}
         cams = np.zeros((len(ts.qual), s, s), np.float32)  # kept for the figures only
@@ -442,6 +453,7 @@ class Grid:
             "prep": dataclasses.asdict(self.spec.prep), "n_slices": len(ts.idx),
             "slices": [f"{ts.slices.case[i]}/{int(ts.slices.slice_index[i])}" for i in ts.idx[ts.qual]],
             "cleanup": "holes",  # scores stored before the clean-up are redone
+            "scan": cell.method == "sammix",  # SAM-Mix scored per case, with the level check
         }))
         if path.is_file() and (run / "eval" / f"{ts.name}.npz").is_file():
             saved = json.loads(path.read_text())
