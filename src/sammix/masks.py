@@ -26,17 +26,29 @@ def mask_to_box(mask) -> np.ndarray | None:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
+def _area(a) -> np.ndarray:
+    return (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+
+
+def _intersection(a, b) -> np.ndarray:
+    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None)
+    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None)
+    return iw * ih
+
+
 def box_iou(a, b):
     """IoU of inclusive-pixel xyxy boxes; (4,) and (4,) -> float, (N, 4) and (N, 4) -> (N,)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1, 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1, 0, None)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
-    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
-    iou = inter / np.maximum(area_a + area_b - inter, 1e-12)
+    inter = _intersection(a, b)
+    iou = inter / np.maximum(_area(a) + _area(b) - inter, 1e-12)
     return float(iou) if iou.ndim == 0 else iou
+
+
+def box_covered(box, by) -> float:
+    """The share of inclusive-pixel xyxy `box`'s pixels inside xyxy box `by`."""
+    box, by = np.asarray(box, dtype=np.float64), np.asarray(by, dtype=np.float64)
+    return float(_intersection(box, by) / _area(box))
 
 
 def expand_box(box, fraction: float, size, pixels: float = 0.0) -> np.ndarray:

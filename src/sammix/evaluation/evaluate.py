@@ -65,22 +65,18 @@ def score_predictions(slices, idx: np.ndarray, out: dict) -> dict:
 def per_case_dice(slices, idx: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """3D Dice of each case, its slices stacked in order (volume data only)."""
     result = {}
-    for case in np.unique(slices.case[idx]):
-        sel = np.flatnonzero(slices.case[idx] == case)
-        if len(sel) < 2 or not slices.has_mask[idx[sel]].all():
+    for order in case_slices(slices, idx):
+        if len(order) < 2 or not slices.has_mask[idx[order]].all():
             continue
-        order = sel[np.argsort(slices.slice_index[idx[sel]])]
-        result[str(case)] = volume_dice(masks[order], slices.masks[idx[order]] > 0)
+        result[str(slices.case[idx[order[0]]])] = volume_dice(masks[order], slices.masks[idx[order]] > 0)
     return result
 
 
 def case_slices(slices, idx: np.ndarray) -> list[np.ndarray]:
-    """`idx` grouped by case, each case's slices in order from inferior to superior."""
-    runs = []
-    for case in dict.fromkeys(slices.case[idx]):
-        sel = idx[slices.case[idx] == case]
-        runs.append(sel[np.argsort(slices.slice_index[sel])])
-    return runs
+    """The positions in `idx` of each case's slices, in order from inferior to superior."""
+    cases = slices.case[idx]
+    return [sel[np.argsort(slices.slice_index[idx[sel]])]
+            for sel in (np.flatnonzero(cases == case) for case in dict.fromkeys(cases))]
 
 
 def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str = "predict") -> dict:
@@ -92,12 +88,10 @@ def predict_all(model, slices, idx: np.ndarray, batch_size: int = 8, desc: str =
     n, s = len(idx), slices.images.shape[-1]
     out = {"masks": np.zeros((n, s, s), bool), "probs": np.zeros(n, np.float32), "present": np.zeros(n, bool),
            "boxes": np.full((n, 4), np.nan, np.float32)}
-    where = {int(i): j for j, i in enumerate(idx)}
     inferer = SliceInferer(model.eval())
-    for case in tqdm(case_slices(slices, idx), desc=desc, unit="case", leave=False):
-        pos = [where[int(i)] for i in case]
-        x = torch.from_numpy(slices.images[case].astype(np.float32) / 255.0).unsqueeze(1)
-        res = inferer.predict_volume(x, batch_size=batch_size, positions=slices.slice_index[case])
+    for pos in tqdm(case_slices(slices, idx), desc=desc, unit="case", leave=False):
+        x = torch.from_numpy(slices.images[idx[pos]].astype(np.float32) / 255.0).unsqueeze(1)
+        res = inferer.predict_volume(x, batch_size=batch_size, positions=slices.slice_index[idx[pos]])
         out["masks"][pos] = (res["logits"] > 0).numpy()
         out["probs"][pos], out["present"][pos], out["boxes"][pos] = res["probs"], res["present"], res["boxes"]
     return out

@@ -17,8 +17,8 @@ import torch
 from scipy import ndimage
 
 from sammix.config import ModelConfig
-from sammix.models.cam import TISSUE_LEVEL, CamPrompts, candidate_boxes
-from sammix.masks import dice_score, expand_box, mask_to_box
+from sammix.models.cam import TISSUE_LEVEL, CamPrompts, candidate_boxes, main_component
+from sammix.masks import box_covered, dice_score, expand_box, mask_to_box
 
 # --slice-step: a slice between two that SAM saw is interpolated only where their masks agree this well
 INTERPOLATE_MIN_DICE = 0.9
@@ -81,13 +81,6 @@ def keep_inside(x: torch.Tensor, box) -> torch.Tensor:
         x1, y1, x2, y2 = (int(v) for v in box)
         kept[..., y1:y2 + 1, x1:x2 + 1] = x[..., y1:y2 + 1, x1:x2 + 1]
     return kept
-
-
-def _covered(box, by) -> float:
-    """The share of xyxy `box`'s pixels inside xyxy box `by`."""
-    (x1, y1, x2, y2), (u1, v1, u2, v2) = box, by
-    inside = max(0.0, min(x2, u2) - max(x1, u1) + 1) * max(0.0, min(y2, v2) - max(y1, v1) + 1)
-    return float(inside / ((x2 - x1 + 1) * (y2 - y1 + 1)))
 
 
 def _at_level(image: torch.Tensor, found: torch.Tensor, organ: float) -> bool:
@@ -338,12 +331,11 @@ class SliceInferer:
         for i in slices:
             mask, image = (logits[i] > 0).numpy(), x[i, 0].numpy()
             level = np.abs(ndimage.median_filter(image, LEVEL_FIT_SMOOTH) - organ) <= LEVEL_CHECK_TOLERANCE
-            part, n = ndimage.label(ndimage.binary_opening(mask & level, np.ones((3, 3), bool)))
-            if not n:
+            part = main_component(ndimage.binary_opening(mask & level, np.ones((3, 3), bool)).astype(np.float32), 0.5)
+            if part is None:
                 continue
-            part = part == 1 + int(np.argmax(ndimage.sum_labels(part > 0, part, np.arange(1, n + 1))))
             box = expand_box(mask_to_box(part), 0.0, self.size, pixels=2.0)  # the filters' erosion back
-            if _covered(mask_to_box(mask), box) >= LEVEL_FIT_SHARE:
+            if box_covered(mask_to_box(mask), box) >= LEVEL_FIT_SHARE:
                 continue
             box = torch.from_numpy(box)
             emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
