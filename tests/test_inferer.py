@@ -9,7 +9,7 @@ import torch
 
 from sammix.config import ModelConfig
 from sammix.masks import dice_score
-from sammix.models.inferer import SliceInferer
+from sammix.models.inferer import SliceInferer, keep_main_run
 
 S = 64
 
@@ -25,7 +25,7 @@ class ObjectsBackend:
     `wrong_cam` slices where it points at the distractor. "SAM" returns the object that fills most
     of the box it is given (score 0.9), or nothing (score 0.1)."""
 
-    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False)
     size = S
 
     def __init__(self, z=24, organ=range(4, 20), wrong_cam=(6, 7, 15), gate_extra=(20, 21)):
@@ -115,7 +115,7 @@ class ConfidentNeighbourBackend(NeighbourOrganBackend):
     classifier passes the slices past the organ's end (`gate_extra`) at a third of its
     probability on the organ (0.3, above a gate of 0.2)."""
 
-    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4, level_check=False)
+    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4, level_check=False, one_run=False)
 
     def classify(self, x):
         probs, cams = super().classify(x)
@@ -173,7 +173,7 @@ def test_the_level_check_asks_again_from_the_neighbour_and_empties_masks_off_the
         assert dice_score(masks[i], backend.organ[i]) == 1.0, i
     assert not masks[20:].any()
     assert out["level_check"] == {"fitted": 0, "found_again": 3, "emptied": 2}
-    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False)
     unchecked = SliceInferer(backend).predict_volume(x)["logits"] > 0
     assert all(dice_score(unchecked[i], backend.distractor) == 1.0 for i in (6, 7, 15, 20, 21))
 
@@ -430,3 +430,44 @@ def test_refine_asks_again_with_the_box_of_the_first_mask_through_the_refining_d
     backend.calls.clear()
     SliceInferer(backend).predict(x, boxes=first)
     assert len(backend.calls) == 1  # off by default: one question
+
+
+class TwinOrganBackend(LevelsOfObjectsBackend):
+    """Past the organ's end, after three slices the gate rejects, it passes two slices (23, 24)
+    whose CAM points at another organ at the organ's own intensity (the kidney below a
+    non-contrast liver): the level check cannot tell it apart."""
+
+    def __init__(self):
+        super().__init__(z=26, wrong_cam=(), gate_extra=(23, 24))
+
+    def volume(self) -> torch.Tensor:
+        x = super().volume()
+        for i in self.gate_extra:
+            x[i, 0][torch.from_numpy(self.distractor)] = 0.5
+        return x
+
+
+def test_a_volume_keeps_the_main_run_of_slices_with_a_mask():
+    backend = TwinOrganBackend()
+    x = backend.volume()
+    out = SliceInferer(backend).predict_volume(x)
+    masks = out["logits"] > 0
+    for i in range(len(backend.organ)):
+        assert dice_score(masks[i], backend.organ[i]) == 1.0, i
+    assert out["level_check"]["emptied"] == 0 and out["one_run"] == {"dropped": 1, "slices_emptied": 2}
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, one_run=False)
+    apart = SliceInferer(backend).predict_volume(x)
+    assert apart["one_run"] is None
+    assert all(dice_score(apart["logits"][i] > 0, backend.distractor) == 1.0 for i in (23, 24))
+    # slices sampled from a scan are not known to show the organ whole: nothing is dropped there
+    positions = [4, 9, 14, 19, 23, 24]
+    sampled = SliceInferer(TwinOrganBackend()).predict_volume(x[positions], positions=positions)
+    assert sampled["one_run"] is None and (sampled["logits"][-2:] > 0).any()
+
+
+def test_the_main_run_bridges_a_few_slices_without_a_mask():
+    logits = -torch.ones(30, 8, 8)
+    for i in [*range(3, 12), *range(14, 20), 25]:  # two slices without a mask inside the organ; one apart
+        logits[i, 2:6, 2:6] = 1.0
+    assert keep_main_run(logits) == {"dropped": 1, "slices_emptied": 1}
+    assert (logits > 0).flatten(1).any(1).nonzero().flatten().tolist() == [*range(3, 12), *range(14, 20)]

@@ -40,7 +40,7 @@ class PrepConfig:
 
 # ModelConfig settings that only steer inference in Python: they change no weights and no exported graph
 INFERENCE_SETTINGS = ("cls_threshold", "cam_threshold", "propagate", "prompt_candidates", "match_level", "refine",
-                      "level_check")
+                      "level_check", "one_run")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class ModelConfig:
     match_level: bool = True  # SAM sees a slice whose organ is outside organ_levels shifted into them (SliceInferer.sam_input)
     refine: bool = False  # SAM answers again, prompted with the box of its first mask, through the refining decoder (SliceInferer._answer)
     refine_blend: float = 0.75  # the refining decoder: this share of the decoder's fine-tuning on its pretrained weights
+    one_run: bool = True  # a whole volume's masks: only their main run of slices is kept (inferer.keep_main_run)
     level_check: bool = True  # volumes: a mask off the organ's intensity in the volume is asked again from its neighbour, or emptied; one reaching past it is fitted (SliceInferer._check_levels)
 
     def calibrated(self, weights: dict):

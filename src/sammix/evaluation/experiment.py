@@ -453,7 +453,7 @@ class Grid:
             "prep": dataclasses.asdict(self.spec.prep), "n_slices": len(ts.idx),
             "slices": [f"{ts.slices.case[i]}/{int(ts.slices.slice_index[i])}" for i in ts.idx[ts.qual]],
             "cleanup": "holes",  # scores stored before the clean-up are redone
-            "scan": cell.method == "sammix",  # SAM-Mix scored per case, with the level check
+            "scan": "case, level check, one run" if cell.method == "sammix" else None,  # what SAM-Mix's scores went through
         }))
         if path.is_file() and (run / "eval" / f"{ts.name}.npz").is_file():
             saved = json.loads(path.read_text())

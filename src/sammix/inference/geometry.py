@@ -36,9 +36,10 @@ def logits_to_native(logits: torch.Tensor, shape_hw: tuple[int, int], spacing_rc
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
     """A mask (H,W) or (Z,H,W) with the holes of each axial slice filled (tumours inside the organ).
-    No component is dropped: keeping only the largest 3D one lost most of LiTS 117's liver, whose
-    slice-by-slice masks are fragmented, and gained 0.003 3D Dice on TotalSegmentator; keeping the
-    largest piece of a slice cut organs that one slice shows in two (docs/results.md)."""
+    No component is dropped: keeping only the largest 3D one cuts LiTS 117's liver, which its crop
+    and a few bad slices split; keeping the largest piece of a slice cut organs that one slice
+    shows in two (docs/results.md). Slices apart from the organ are dropped before, where the
+    volume is known (`inferer.keep_main_run`)."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim == 2:
         return ndimage.binary_fill_holes(mask)

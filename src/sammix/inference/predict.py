@@ -66,7 +66,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
                   slice_step: int = 1, propagate: bool | None = None,
                   spacing_rc: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """(Z,H,W) HU (or 8-bit values) in display orientation -> bool mask (Z,H,W) at native size,
-    and the facts {"probs", "present", "segmented", "level_check"} (`SliceInferer.predict_volume`, whose
+    and the facts {"probs", "present", "segmented", "level_check", "one_run"} (`SliceInferer.predict_volume`, whose
     `propagate` default is the run's). `spacing_rc`: the in-plane (row, column) mm, None for
     square pixels."""
     if slice_step < 1:
@@ -90,7 +90,7 @@ def predict_axial(inferer: SliceInferer, axial: np.ndarray, window, batch_size: 
         chunk = index[i:i + batch_size]
         mask[chunk] = logits_to_native(out["logits"][chunk], (h, w), spacing_rc)
     times["resize_back"] = times.get("resize_back", 0.0) + time.perf_counter() - t0
-    return mask, {k: out[k] for k in ("probs", "present", "segmented", "level_check")}
+    return mask, {k: out[k] for k in ("probs", "present", "segmented", "level_check", "one_run")}
 
 
 def _model_info(inferer: SliceInferer, run) -> dict:
@@ -148,6 +148,7 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
         "slices_segmented": int(facts["segmented"].sum()),
         "slice_step": int(slice_step),
         "level_check": facts["level_check"],  # masks fitted to the organ's intensity, found again, emptied
+        "one_run": facts["one_run"],  # runs of slices apart from the organ's main run, dropped; slices they emptied
         "slices_with_organ": int(len(with_organ)),
         "organ_slice_range": None if not len(with_organ) else [int(with_organ[0]), int(with_organ[-1])],
         "slice_order": "axial, index 0 the most inferior slice",

@@ -45,6 +45,8 @@ LEVEL_CHECK_SIZES = (-0.3, -0.15, 0.0, PROPAGATE_GROW)
 # pixels) has a box that covers less than this share of the mask's box reaches past the organ
 LEVEL_FIT_SMOOTH = 5
 LEVEL_FIT_SHARE = 0.5
+# a volume's masks: runs of slices with a mask this many slices or fewer apart are one run (`keep_main_run`)
+ONE_RUN_GAP = 2
 
 
 class Backend(Protocol):
@@ -87,6 +89,25 @@ def _at_level(image: torch.Tensor, found: torch.Tensor, organ: float) -> bool:
     """Whether a mask is on the organ: its median intensity within LEVEL_CHECK_TOLERANCE of the
     organ's level."""
     return bool(found.any()) and abs(float(image[found].median()) - organ) <= LEVEL_CHECK_TOLERANCE
+
+
+def keep_main_run(logits: torch.Tensor) -> dict:
+    """The organ spans one run of slices: of the masks of a volume's slices (logits (Z,S,S), in
+    place) only the run of slices with a mask that holds most mask pixels is kept, its runs
+    joined across up to ONE_RUN_GAP slices without one. What the gate passed and SAM found far
+    below or above the organ, on the kidney or the colon at the organ's intensity, goes. (Keeping
+    the largest 3D piece instead also cut the organ where a scan's crop or a few bad slices split
+    it: docs/results.md.) Returns how many runs were dropped and how many slices they emptied."""
+    has = (logits > 0).flatten(1).any(1).numpy()
+    at = np.flatnonzero(has)
+    runs = np.split(at, np.flatnonzero(np.diff(at) > ONE_RUN_GAP + 1) + 1) if len(at) else []
+    if len(runs) < 2:
+        return {"dropped": 0, "slices_emptied": 0}
+    pixels = [int((logits[r[0]:r[-1] + 1] > 0).sum()) for r in runs]
+    main = runs[int(np.argmax(pixels))]
+    logits[:main[0]] = 0.0
+    logits[main[-1] + 1:] = 0.0
+    return {"dropped": len(runs) - 1, "slices_emptied": int(len(at) - has[main[0]:main[-1] + 1].sum())}
 
 
 def _runs(present: np.ndarray) -> list[tuple[int, int]]:
@@ -225,10 +246,13 @@ class SliceInferer:
                        progress=None, propagate: bool | None = None, positions=None) -> dict:
         """The ordered slices (Z,1,S,S) of one volume -> {"logits" (Z,S,S), "probs", "present",
         "segmented" (Z,) bool: the slices SAM saw, "boxes" (Z,4): the box each was prompted with
-        (NaN where SAM did not run)}. `positions` (Z,): the slices' indices in the scan, ascending
-        (default: adjacent); where they jump, the scan was sampled, and stepping and volume
-        context, which need neighbours, run on each run of adjacent slices apart, while the level
-        check sees the whole scan.
+        (NaN where SAM did not run), "level_check" and "one_run": what those changed}.
+        `positions` (Z,): the slices' indices in the scan, ascending (default: adjacent); where
+        they jump, the scan was sampled, and stepping and volume context, which need neighbours,
+        run on each run of adjacent slices apart, while the level check sees the whole scan.
+        Where the slices are adjacent (a volume, not a sample of one) and at least
+        LEVEL_CHECK_MIN_SLICES, the masks' main run of slices alone is kept (`keep_main_run`,
+        `ModelConfig.one_run`): only there is the organ known to be one run.
 
         The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
         run's `ModelConfig.propagate`; see `_propagate`, which takes `slice_step` too), or SAM with
@@ -261,13 +285,15 @@ class SliceInferer:
             else:
                 logits[a:b], segmented[a:b] = self._stepped(x[a:b], part, present[a:b], slice_step, batch_size,
                                                             boxes[a:b], progress)
-        checked = None
+        checked = apart = None
         if self.cfg.level_check and cams is not None:
             checked = self._check_levels(x, cams, probs.numpy(), logits, boxes)
+        if self.cfg.one_run and z >= LEVEL_CHECK_MIN_SLICES and np.all(np.diff(positions) == 1):
+            apart = keep_main_run(logits)
         if progress is not None:
             progress.update(z - int(segmented.sum()))
         return {"logits": logits, "probs": probs.numpy(), "present": present, "segmented": segmented,
-                "boxes": boxes.numpy(), "level_check": checked}
+                "boxes": boxes.numpy(), "level_check": checked, "one_run": apart}
 
     def _check_levels(self, x, cams, probs: np.ndarray, logits: torch.Tensor, boxes: torch.Tensor) -> dict | None:
         """The level check of a volume's masks, in place: within one scan the organ has one
