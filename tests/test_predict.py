@@ -400,12 +400,17 @@ def gate_open_run(run, tmp_path_factory) -> Path:
 def test_evaluate_scores_the_masks_that_predict_writes(shared_data, gate_open_run, tmp_path, precision):
     """One inference path: `evaluate`'s per-slice Dice on real slices equals the Dice of the masks
     `predict` writes for the same images (clean-up included), through ONNX Runtime fp32 (exact up to float rounding)
-    and int8 (not exact: the difference is measured and bounded, not hidden)."""
+    and int8 (not exact: the difference is measured and bounded, not hidden). The slices are one
+    case's, enough for the level check: both predict them together, as one sampled scan."""
+    from collections import Counter
+
     from sammix.evaluation.evaluate import evaluate_run
     from sammix.masks import dice_score
 
     data = tmp_path / "lits"
-    names = sorted(p.name for p in (shared_data / "lits-slices" / "images").iterdir())[:4]
+    every = sorted(p.name for p in (shared_data / "lits-slices" / "images").iterdir())
+    case = next(c for c, n in Counter(name.rpartition("_")[0] for name in every).items() if n >= 6)
+    names = [name for name in every if name.rpartition("_")[0] == case]
     for sub in ("images", "masks"):
         (data / sub).mkdir(parents=True)
         for name in names:
@@ -417,6 +422,9 @@ def test_evaluate_scores_the_masks_that_predict_writes(shared_data, gate_open_ru
     written = {name: dice_score(np.asarray(Image.open(tmp_path / "out" / name)),
                                 np.asarray(Image.open(data / "masks" / name))) for name in names}
     assert set(scored) == set(written) and any(v > 0 for v in written.values())
+    record = json.loads((tmp_path / "out" / names[0].replace(".png", ".json")).read_text())
+    assert record["scan"] == {"case": case, "slices": sorted(int(n[:-4].rpartition("_")[2]) for n in names)}
+    assert record["level_check"] is not None  # the scan was checked as a whole
     gap = max(abs(scored[n] - written[n]) for n in names)
     print(f"{precision}: largest per-slice Dice difference evaluate vs predict {gap:.2e}")
     assert gap < (1e-3 if precision == "fp32" else 0.05)

@@ -14,7 +14,7 @@ from sammix.cli import main
 from sammix.config import RunConfig
 from sammix.data.synthetic import synthetic_ct, write_dicom_series
 from sammix.errors import InputError, SammixError
-from sammix.inference.batch import Job, is_done, plan_jobs, read_manifest, run_key, select_part
+from sammix.inference.batch import Job, is_done, plan_jobs, read_manifest, run_key, scans, select_part
 
 
 def _touch(path: Path) -> Path:
@@ -80,13 +80,29 @@ def test_parts_cover_every_input_exactly_once(tmp_path, tree):
     for num_parts in (1, 2, 3, 4, 20):
         parts = [select_part(plan_jobs([root, tmp_path / "nowhere.nii.gz"], [manifest], tmp_path / "out", num_parts),
                              num_parts, i) for i in range(num_parts)]
-        seen = [(j.input, j.name, j.error) for part in parts for j in part]
+        seen = [(j.input, j.name, j.error) for part in parts for scan in part for j in scan]
         assert len(seen) == len(set(seen)) == len(whole)  # disjoint
         assert set(seen) == {(j.input, j.name, j.error) for j in whole}  # together the whole, named alike
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     for num_parts, part_id in [(2, 2), (2, -1), (0, 0)]:
         with pytest.raises(SammixError, match="--part-id"):
             select_part(whole, num_parts, part_id)
+
+
+def test_the_images_of_one_scan_go_together_in_slice_order_and_in_one_part(tmp_path):
+    for name in ["in/a_010.png", "in/a_002.png", "in/a_7.png", "in/b_001.png", "in/c.png", "in/d_x.png",
+                 "in/e_1.png", "in/e_01.png", "in2/a_003.png", "in/ct.nii.gz"]:
+        _touch(tmp_path / name)
+    jobs = plan_jobs([tmp_path / "in", tmp_path / "in2"], [], tmp_path / "out")
+    groups = sorted([j.input.name for j in scan] for scan in scans(jobs))
+    # one folder's <case>_<slice> images are one scan, sorted by slice; another folder's are another
+    # scan; a name without a slice number, or a case with one slice number twice, goes alone
+    assert groups == [["a_002.png", "a_7.png", "a_010.png"], ["a_003.png"], ["b_001.png"], ["c.png"], ["ct.nii.gz"],
+                      ["d_x.png"], ["e_01.png"], ["e_1.png"]]
+    for num_parts in (2, 3):
+        parts = [select_part(jobs, num_parts, i) for i in range(num_parts)]
+        assert sorted(j.input for part in parts for scan in part for j in scan) == sorted(j.input for j in jobs)
+        assert ["a_002.png", "a_7.png", "a_010.png"] in [[j.input.name for j in scan] for part in parts for scan in part]
 
 
 def _run_folder(tmp_path, weights=b"not a zip") -> Path:

@@ -203,16 +203,23 @@ def _slice_cases(root: Path) -> list[CaseRecord]:
     records = []
     for image in _files_with(root / "images", IMAGE2D_SUFFIXES):
         stem = _strip_suffix(image.name)
-        case, _, index = stem.rpartition("_")
-        if not case:
-            case, index = stem, ""
+        case, index = slice_name(stem)
         label = None
         if masks.is_dir():
             label = next((masks / n for n in (image.name, stem + ".png") if (masks / n).is_file()), None)
             if label is None:
                 raise InputError(image, f"slice without its mask in {masks}")
-        records.append(CaseRecord(case, image, label, "slices", int(index) if index.isdigit() else None))
+        records.append(CaseRecord(case, image, label, "slices", index))
     return records
+
+
+def slice_name(stem: str) -> tuple[str, int | None]:
+    """A 2D slice's file name without its suffix -> (case, slice index): `<case>_<slice>`; a name
+    without a number after its last underscore is a case of its own, index None."""
+    case, _, index = stem.rpartition("_")
+    if not case:
+        return stem, None
+    return case, int(index) if index.isdigit() else None
 
 
 def _pair_cases(root: Path) -> list[CaseRecord]:

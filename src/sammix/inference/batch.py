@@ -6,8 +6,10 @@ being done (no model code here; `predict.predict_inputs` runs the jobs).
   one-line error, reported by the part it falls to.
 - Output names are the input's (`output_stem`); inputs that share one are told apart by their
   parent folder, then by _2, _3, ...; a manifest may give a name.
-- Parts: job i belongs to part i mod P (`select_part`), so P processes given the same arguments
-  cover every input exactly once.
+- Scans: 2D images of one folder named `<case>_<slice>` are slices of one scan (`scans`), predicted
+  together so the checks across a volume's slices see them all.
+- Parts: scan i (a volume, an image, or one scan's images) belongs to part i mod P (`select_part`),
+  so P processes given the same arguments cover every input exactly once.
 - Done: OUT/<name>.json, the record, is written last and is the commit mark. An input is done when
   its record comes from the same run key (`run_key`: the run's files and the settings that change
   a mask) and input, and its outputs are there (`is_done`); anything else is redone.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from sammix.runfolder import RunFolder
 from sammix.data import io
+from sammix.data.layouts import slice_name
 from sammix.errors import InputError, SammixError, one_line
 
 SUFFIXES = io.VOLUME_SUFFIXES + io.IMAGE2D_SUFFIXES
@@ -50,6 +53,14 @@ class Job:
     input: Path
     name: str | None = None
     error: str | None = None
+
+    @property
+    def scan(self) -> tuple[Path, str, int] | None:
+        """(folder, case, slice index) of an image named `<case>_<slice>`; None otherwise."""
+        if not self.is_image:
+            return None
+        case, index = slice_name(_strip_suffix(self.input.name))
+        return None if index is None else (self.input.parent.resolve(), case, index)
 
     @property
     def is_image(self) -> bool:
@@ -149,12 +160,30 @@ def plan_jobs(inputs, manifests, out, num_parts: int = 1) -> list[Job]:
     return ordered
 
 
-def select_part(jobs: list, num_parts: int, part_id: int) -> list:
-    """Part `part_id` of `num_parts`: every num_parts-th job from the part_id-th."""
+def scans(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs -> scans, in order: the images of one folder and case (`Job.scan`) together, sorted by
+    slice, every other job alone. A case with two images of one slice number is not a scan:
+    its images go alone."""
+    groups: dict = {}
+    for job in jobs:
+        key = job.scan[:2] if job.error is None and job.scan is not None else id(job)
+        groups.setdefault(key, []).append(job)
+    result = []
+    for group in groups.values():
+        slices = [job.scan[2] for job in group] if len(group) > 1 else []
+        if len(set(slices)) < len(slices):
+            result += [[job] for job in group]
+        else:
+            result.append(sorted(group, key=lambda job: job.scan[2]) if slices else group)
+    return result
+
+
+def select_part(jobs: list, num_parts: int, part_id: int) -> list[list[Job]]:
+    """Part `part_id` of `num_parts`: every num_parts-th scan (`scans`) from the part_id-th."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise SammixError(f"--part-id must be in 0..{num_parts - 1} and --num-parts at least 1, "
                           f"got --num-parts {num_parts} --part-id {part_id}")
-    return jobs[part_id::num_parts]
+    return scans(jobs)[part_id::num_parts]
 
 
 def run_key(run, settings: dict) -> str | None:

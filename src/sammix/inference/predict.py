@@ -6,7 +6,9 @@ the model's S x S -> classifier gate + GradCAM prompts -> SAM (`models.inferer.S
 best-mask logits resized back to the slice's native size and thresholded -> optional 3D clean-up
 (holes filled slice by slice) -> `Volume.from_axial` back onto the
 stored voxel grid -> `<name>.nii.gz` (uint8, the input's shape and affine), `<name>.json` (a record
-of the run) and, with preview, `<name>_preview.png`. 2D images give `<name>.png` (0/255).
+of the run) and, with preview, `<name>_preview.png`. 2D images give `<name>.png` (0/255); those of one
+folder named `<case>_<slice>` are slices of one scan, predicted together (`predict_scan`), as
+`evaluate` predicts a case of a slice folder.
 
 Many inputs (`predict_inputs`; which, named how, in which part, done or not: `batch`): one bad
 input costs one line on stderr and does not stop the others; the summary lists every failure.
@@ -163,46 +165,59 @@ def predict_volume(model, volume: io.Volume, window=RUN_WINDOW, batch_size: int 
     return stored, record
 
 
-def predict_image(model, image: np.ndarray, window=RUN_WINDOW, cleanup: bool = True, gate: bool = True,
-                  run=None, **engine_options):
-    """A 2D image as read by `read_image2d` (8-bit: /255; otherwise HU through the window) ->
-    (uint8 0/1 mask of the image's size, record)."""
+def predict_scan(model, images, positions, window=RUN_WINDOW, cleanup: bool = True, gate: bool = True,
+                 run=None, batch_size: int = 8, **engine_options) -> list[tuple[np.ndarray, dict]]:
+    """2D images as read by `read_image2d` (8-bit: /255; otherwise HU through the window), the
+    slices `positions` (ascending) of one scan -> (uint8 0/1 mask of each image's size, its record).
+    They are predicted as that sampled scan (`SliceInferer.predict_volume`), as `evaluate` predicts
+    a case of a slice folder: the level check sees them together."""
     inferer = _inferer(model, **engine_options)
     window = _resolve_window(inferer, window)
     _clear_times(inferer)
     start = time.perf_counter()
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"predict_image expects a 2D image, got shape {image.shape}")
+    images = [np.asarray(image) for image in images]
+    flat = next((image.shape for image in images if image.ndim != 2), None)
+    if flat is not None:
+        raise ValueError(f"predict_scan expects 2D images, got shape {flat}")
     times = {}
     t0 = time.perf_counter()
-    x = to_model_input(slice_to_unit(image, window)[None], inferer.size)
+    x = torch.cat([to_model_input(slice_to_unit(image, window)[None], inferer.size) for image in images])
     times["preprocess"] = time.perf_counter() - t0
-    out = inferer.predict(x, gate=gate)
-    mask = np.zeros(image.shape, dtype=bool)
-    if len(out["index"]):
-        mask = logits_to_native(out["logits"], image.shape)[0]
-    if cleanup:
-        mask = clean_mask(mask)
+    out = inferer.predict_volume(x, gate, batch_size=batch_size, positions=positions)
     times.update(_stage_times(inferer))
     times["predict_total"] = time.perf_counter() - start
-    record = {
-        "kind": "image",
-        "shape": list(image.shape),
-        "window": "8-bit /255" if image.dtype == np.uint8 else (None if window is None else list(window)),
-        "organ": inferer.backend.model.prep.organ,
-        "organ_pixels": int(mask.sum()),
-        "organ_volume_ml": None,
-        "probability": float(out["probs"][0]),
-        "slices_classified_present": int(out["present"].sum()),
-        "slices_with_organ": int(mask.any()),
-        "cleanup": bool(cleanup),
-        "gate": bool(gate),
-        "model": _model_info(inferer, run),
-        "timings_s": {k: round(v, 3) for k, v in times.items()},
-        **_environment(inferer),
-    }
-    return mask.astype(np.uint8), record
+    results = []
+    for j, image in enumerate(images):
+        mask = np.zeros(image.shape, dtype=bool)
+        if out["present"][j] or out["segmented"][j]:
+            mask = logits_to_native(out["logits"][j:j + 1], image.shape)[0]
+        if cleanup:
+            mask = clean_mask(mask)
+        record = {
+            "kind": "image",
+            "shape": list(image.shape),
+            "window": "8-bit /255" if image.dtype == np.uint8 else (None if window is None else list(window)),
+            "organ": inferer.backend.model.prep.organ,
+            "organ_pixels": int(mask.sum()),
+            "organ_volume_ml": None,
+            "probability": float(out["probs"][j]),
+            "slices_classified_present": int(out["present"][j]),
+            "slices_with_organ": int(mask.any()),
+            "level_check": out["level_check"],  # the scan's (None alone, or with too few masks)
+            "cleanup": bool(cleanup),
+            "gate": bool(gate),
+            "model": _model_info(inferer, run),
+            "timings_s": {k: round(v, 3) for k, v in times.items()},  # the scan's
+            **_environment(inferer),
+        }
+        results.append((mask.astype(np.uint8), record))
+    return results
+
+
+def predict_image(model, image: np.ndarray, window=RUN_WINDOW, cleanup: bool = True, gate: bool = True,
+                  run=None, **engine_options):
+    """A 2D image alone -> (uint8 0/1 mask of the image's size, record): `predict_scan` of one."""
+    return predict_scan(model, [image], [0], window, cleanup, gate, run, **engine_options)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,42 +241,68 @@ def _write_png(mask: np.ndarray, path: Path) -> None:
         Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(tmp)
 
 
-def _process(engine: Engine, job: batch.Job, out: Path, args: dict, bar) -> dict:
-    """Segment one input into its files; the record goes last (the mark `batch.is_done` trusts)."""
-    path, targets = job.input, job.targets(out)
-    targets["record"].unlink(missing_ok=True)  # outputs are about to change: no longer done
-    t0 = time.perf_counter()
-    if job.is_image:
-        image = io.read_image2d(path)
-        t_read = time.perf_counter() - t0
-        mask, record = predict_image(engine, image, args["window"], args["cleanup"], run=args["run"])
-        t0 = time.perf_counter()
-        _write_png(mask, targets["mask"])
-    else:
-        volume = io.read_volume(path)
-        t_read = time.perf_counter() - t0
-        slices = tqdm(total=volume.axial_shape()[0], desc=job.name, unit="slice", leave=False, disable=bar.disable)
-        try:
-            mask, record = predict_volume(engine, volume, args["window"], args["batch_size"], args["cleanup"],
-                                          progress=slices, run=args["run"], slice_step=args["slice_step"])
-        finally:
-            slices.close()
-        t0 = time.perf_counter()
-        io.write_mask(mask, volume, targets["mask"])
-        if args["preview"]:
-            from sammix.viz import volume_preview
-
-            volume_preview(_preview_image(volume, record["window"]), volume.to_axial(mask), targets["preview"])
+def _finish(job: batch.Job, record: dict, out: Path, args: dict, t_read: float, t0: float) -> dict:
+    """The job's record, completed and written last (the mark `batch.is_done` trusts)."""
+    targets = job.targets(out)
     record["timings_s"]["read"] = round(t_read, 3)
     record["timings_s"]["write"] = round(time.perf_counter() - t0, 3)
     record["timings_s"]["total"] = round(sum(record["timings_s"][k] for k in ("read", "predict_total", "write")), 3)
-    record = {"input": str(path.resolve()), "output": str(targets["mask"].resolve()),
+    record = {"input": str(job.input.resolve()), "output": str(targets["mask"].resolve()),
               "preview": str(targets["preview"].resolve()) if args["preview"] and not job.is_image else None,
               "run_key": args["run_key"], **record}
     if job.is_image and args["preview"]:
         record["preview_note"] = "no preview for 2D images (the mask PNG is the picture)"
     io.write_json(record, targets["record"])
     return record
+
+
+def _process_volume(engine: Engine, job: batch.Job, out: Path, args: dict, bar) -> dict:
+    """Segment one volume into its files."""
+    targets = job.targets(out)
+    targets["record"].unlink(missing_ok=True)  # outputs are about to change: no longer done
+    t0 = time.perf_counter()
+    volume = io.read_volume(job.input)
+    t_read = time.perf_counter() - t0
+    slices = tqdm(total=volume.axial_shape()[0], desc=job.name, unit="slice", leave=False, disable=bar.disable)
+    try:
+        mask, record = predict_volume(engine, volume, args["window"], args["batch_size"], args["cleanup"],
+                                      progress=slices, run=args["run"], slice_step=args["slice_step"])
+    finally:
+        slices.close()
+    t0 = time.perf_counter()
+    io.write_mask(mask, volume, targets["mask"])
+    if args["preview"]:
+        from sammix.viz import volume_preview
+
+        volume_preview(_preview_image(volume, record["window"]), volume.to_axial(mask), targets["preview"])
+    return _finish(job, record, out, args, t_read, t0)
+
+
+def _process_images(engine: Engine, jobs: list[batch.Job], out: Path, args: dict, fail) -> list[tuple[batch.Job, dict]]:
+    """Segment 2D images, one scan's slices together (`batch.scans`; a lone image is a scan of
+    one), into their files; an image that cannot be read is failed alone."""
+    read = []
+    t0 = time.perf_counter()
+    for job in jobs:
+        job.targets(out)["record"].unlink(missing_ok=True)
+        try:
+            read.append((job, io.read_image2d(job.input)))
+        except SammixError as exc:
+            fail(job, str(exc))
+    if not read:
+        return []
+    t_read = time.perf_counter() - t0
+    positions = [job.scan[2] for job, _ in read] if len(read) > 1 else [0]
+    found = predict_scan(engine, [image for _, image in read], positions, args["window"], args["cleanup"],
+                         run=args["run"], batch_size=args["batch_size"])
+    done = []
+    for (job, _), (mask, record) in zip(read, found):
+        t0 = time.perf_counter()
+        _write_png(mask, job.targets(out)["mask"])
+        if len(read) > 1:
+            record["scan"] = {"case": job.scan[1], "slices": positions}
+        done.append((job, _finish(job, record, out, args, t_read, t0)))
+    return done
 
 
 def load_for_inference(run, device: str = "auto", precision: str = "auto", backend: str = "auto"):
@@ -331,7 +372,8 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
     if slice_step < 1:
         raise SammixError(f"--slice-step must be at least 1, got {slice_step}")
     out = io.check_output_folder(out)
-    jobs = batch.select_part(batch.plan_jobs(inputs, manifests, out, num_parts), num_parts, part_id)
+    scans = batch.select_part(batch.plan_jobs(inputs, manifests, out, num_parts), num_parts, part_id)
+    jobs = [job for scan in scans for job in scan]
     args = {"window": window, "cleanup": cleanup, "batch_size": batch_size,
             "preview": preview, "slice_step": slice_step,
             "run_key": batch.run_key(run, {"window": window, "cleanup": cleanup, "slice_step": slice_step,
@@ -344,16 +386,20 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
         summary["failed"].append({"input": str(job.input), "error": message})
 
     todo = []
-    for job in jobs:
-        if job.error is not None:
-            fail(job, job.error)
-            continue
-        for target in job.targets(out).values():
-            io.remove_stale_temps(target)  # this part alone writes this job's files
-        if not overwrite and batch.is_done(job, out, args["run_key"], preview):
-            summary["skipped"].append(str(job.input))
+    for scan in scans:
+        good = []
+        for job in scan:
+            if job.error is not None:
+                fail(job, job.error)
+                continue
+            for target in job.targets(out).values():
+                io.remove_stale_temps(target)  # this part alone writes this job's files
+            good.append(job)
+        if overwrite or not all(batch.is_done(job, out, args["run_key"], preview) for job in good):
+            todo.append(good)  # a scan's slices are predicted together: all of them, if one is not done
         else:
-            todo.append(job)
+            summary["skipped"] += [str(job.input) for job in good]
+    todo = [scan for scan in todo if scan]
     if summary["skipped"]:
         tqdm.write(f"sammix predict: {len(summary['skipped'])} of {len(jobs)} inputs already done by this run "
                    "and settings, skipped (--overwrite redoes them)", file=sys.stderr)
@@ -361,21 +407,27 @@ def predict_inputs(run, inputs, out, preview: bool = False, overwrite: bool = Fa
         model, args["run"] = load_for_inference(run, device, precision, backend)
         model.cfg = with_inference_overrides(model.cfg, list(overrides))
         engine = make_engine(model, args["run"], precision, backend)
-        bar = tqdm(todo, desc="predict", unit="input", disable=None)
-        for job in bar:
-            bar.set_postfix_str(job.name)
+        bar = tqdm(total=sum(map(len, todo)), desc="predict", unit="input", disable=None)
+        for scan in todo:
+            bar.set_postfix_str(scan[0].name)
             try:
-                record = _process(engine, job, out, args, bar)
-            except SammixError as exc:
-                fail(job, str(exc))
-                continue
+                if scan[0].is_image:
+                    done = _process_images(engine, scan, out, args, fail)
+                else:
+                    done = [(scan[0], _process_volume(engine, scan[0], out, args, bar))]
             except Exception as exc:  # one broken input must not stop the others
-                fail(job, f"{job.input}: {one_line(exc)}")
-                continue
-            summary["predicted"].append(str(job.input))
-            vol = record["organ_volume_ml"]
-            tqdm.write(f"{job.input} -> {record['output']}: {record['slices_with_organ']}/{record.get('slices', 1)} "
-                       f"slices{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
+                message = str(exc) if isinstance(exc, SammixError) else None
+                failed = {f["input"] for f in summary["failed"]}
+                for job in scan:
+                    if str(job.input) not in failed:
+                        fail(job, message or f"{job.input}: {one_line(exc)}")
+                done = []
+            for job, record in done:
+                summary["predicted"].append(str(job.input))
+                vol = record["organ_volume_ml"]
+                tqdm.write(f"{job.input} -> {record['output']}: {record['slices_with_organ']}/{record.get('slices', 1)} "
+                           f"slices{'' if vol is None else f', {vol:.0f} mL'} in {record['timings_s']['total']:.1f} s")
+            bar.update(len(scan))
         bar.close()
     summary_path = out / batch.summary_name(num_parts, part_id)
     io.write_json(summary, summary_path)
