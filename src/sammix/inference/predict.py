@@ -214,12 +214,6 @@ def predict_scan(model, images, positions, window=RUN_WINDOW, cleanup: bool = Tr
     return results
 
 
-def predict_image(model, image: np.ndarray, window=RUN_WINDOW, cleanup: bool = True, gate: bool = True,
-                  run=None, **engine_options):
-    """A 2D image alone -> (uint8 0/1 mask of the image's size, record): `predict_scan` of one."""
-    return predict_scan(model, [image], [0], window, cleanup, gate, run, **engine_options)[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # files
 
