@@ -197,6 +197,11 @@ class SliceInferer:
         shift = torch.nan_to_num(level.clamp(*self.levels) - level)  # no core: no level, no shift
         return (x + shift.view(-1, 1, 1, 1)).clamp(0, 1).contiguous()
 
+    def _embed_slice(self, x: torch.Tensor, cams: torch.Tensor, i: int) -> torch.Tensor:
+        """SAM's embedding (1,...) of slice i of (Z,1,S,S), as SAM sees it (`sam_input`): the
+        volume stages ask SAM again about one slice at a time."""
+        return self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+
     def _choose(self, x: torch.Tensor, emb: torch.Tensor, cams: torch.Tensor):
         """`segment` with prompt candidates (`ModelConfig.prompt_candidates`): for each slice, SAM
         answers every box its CAM could mean (`cam.candidate_boxes`) on the slice's one embedding;
@@ -331,7 +336,7 @@ class SliceInferer:
             near = mask_to_box(logits[i - 1 if i > 0 and on[i - 1] else i + 1] > 0)
             tried = torch.from_numpy(np.stack([expand_box(near, size, self.size, pixels=2.0 * (size > 0))
                                                for size in LEVEL_CHECK_SIZES])).float()
-            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            emb = self._embed_slice(x, cams, i)
             answers, scores = self._answer(emb.expand(len(tried), *emb.shape[1:]), tried)
             fits = [j for j in range(len(tried)) if _at_level(x[i, 0], answers[j] > 0, organ)]
             if fits:
@@ -364,7 +369,7 @@ class SliceInferer:
             if box_covered(mask_to_box(mask), box) >= LEVEL_FIT_SHARE:
                 continue
             box = torch.from_numpy(box)
-            emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+            emb = self._embed_slice(x, cams, i)
             answer, _ = self._answer(emb, box[None].float())
             if _at_level(x[i, 0], answer[0] > 0, organ):
                 logits[i], boxes[i] = answer[0], box
@@ -424,7 +429,7 @@ class SliceInferer:
         def sam(i: int, boxes: list) -> list[tuple[torch.Tensor, float]]:
             emb = embedded.pop(i, None)
             if emb is None:
-                emb = self.backend.encode(self.sam_input(x[i:i + 1], cams[i:i + 1]))
+                emb = self._embed_slice(x, cams, i)
             embedded[i] = emb
             if len(embedded) > slice_step:
                 del embedded[next(iter(embedded))]
