@@ -58,7 +58,7 @@ def test_evaluate_and_predict_change_only_inference_settings():
     from sammix.config import ModelConfig, with_inference_overrides
     from sammix.errors import SammixError
 
-    assert with_inference_overrides(ModelConfig(), ["model.propagate=true"]).propagate is True
+    assert with_inference_overrides(ModelConfig(), ["model.propagate=false"]).propagate is False
     with pytest.raises(SammixError, match="only inference settings"):
         with_inference_overrides(ModelConfig(), ["model.lora_rank=4"])  # would not match the weights
 

@@ -25,7 +25,7 @@ class ObjectsBackend:
     `wrong_cam` slices where it points at the distractor. "SAM" returns the object that fills most
     of the box it is given (score 0.9), or nothing (score 0.1)."""
 
-    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False)
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False, propagate=False)
     size = S
 
     def __init__(self, z=24, organ=range(4, 20), wrong_cam=(6, 7, 15), gate_extra=(20, 21)):
@@ -68,7 +68,7 @@ def _volume(n: int) -> torch.Tensor:
 
 
 def test_propagation_follows_the_moving_organ_past_wrong_cams_and_stops_at_its_ends():
-    backend = ObjectsBackend()
+    backend = ObjectsBackend(gate_extra=())
     inferer = SliceInferer(backend)
     x = _volume(len(backend.organ))
     plain = inferer.predict_volume(x, propagate=False)["logits"] > 0
@@ -83,7 +83,7 @@ def test_propagation_follows_the_moving_organ_past_wrong_cams_and_stops_at_its_e
 
 
 def test_propagation_with_a_slice_step_blends_where_the_organ_changes_slowly():
-    backend = ObjectsBackend()
+    backend = ObjectsBackend(gate_extra=())
     for i in range(4, 20):  # an organ that moves half a pixel a slice, and still shrinks at its ends
         backend.organ[i] = _disk(20, 20 + 0.5 * i, min(9, 3 + 2 * min(i - 4, 19 - i)))
     x = _volume(len(backend.organ))
@@ -94,6 +94,39 @@ def test_propagation_with_a_slice_step_blends_where_the_organ_changes_slowly():
     for i in range(4, 20):  # blended in the middle, walked slice by slice where the ends shrink
         assert dice_score(masks[i], backend.organ[i]) >= 0.9, i
     assert not masks[:4].any() and not masks[20:].any()
+
+
+class DriftDoubtBackend(ObjectsBackend):
+    """The classifier is surest of slice 14; on slice 8, inside the organ, SAM doubts every answer
+    (predicted IoU 0.3), as it doubts a mask that has drifted: the walk from 14 down ends there."""
+
+    def __init__(self):
+        super().__init__(wrong_cam=(), gate_extra=())
+
+    def classify(self, x):
+        probs, cams = super().classify(x)
+        zs = x[:, 0, 0, 0].round().long().tolist()
+        return torch.tensor([0.95 if i == 14 else float(p) for i, p in zip(zs, probs)]), cams
+
+    def decode(self, emb, boxes, mask_prompts):
+        logits, scores = super().decode(emb, boxes, mask_prompts)
+        for j, e in enumerate(emb):
+            if int(e[0]) == 8:
+                scores[j] = torch.tensor([0.3, 0.2, 0.2])
+        return logits, scores
+
+
+def test_past_where_the_walk_ends_the_slices_the_gate_passes_get_their_cam_prompts():
+    backend = DriftDoubtBackend()
+    out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
+    masks = out["logits"] > 0
+    for i in range(len(backend.organ)):
+        assert dice_score(masks[i], backend.organ[i]) == 1.0, i
+    assert np.isnan(out["boxes"][:4]).all() and not np.isnan(out["boxes"][4:9]).any()
+    # a run of slices too short to walk is prompted slice by slice
+    short = SliceInferer(backend).predict_volume(_volume(len(backend.organ))[12:16], propagate=True,
+                                                 positions=[12, 13, 14, 15])
+    assert short["segmented"].all()
 
 
 class NeighbourOrganBackend(ObjectsBackend):
@@ -115,7 +148,7 @@ class ConfidentNeighbourBackend(NeighbourOrganBackend):
     classifier passes the slices past the organ's end (`gate_extra`) at a third of its
     probability on the organ (0.3, above a gate of 0.2)."""
 
-    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4, level_check=False, one_run=False)
+    cfg = ModelConfig(cls_threshold=0.2, cam_threshold=0.4, level_check=False, one_run=False, propagate=False)
 
     def classify(self, x):
         probs, cams = super().classify(x)
@@ -132,13 +165,17 @@ class ConfidentNeighbourBackend(NeighbourOrganBackend):
 
 @pytest.mark.parametrize("make", [NeighbourOrganBackend, ConfidentNeighbourBackend],
                          ids=["sam_doubts_its_mask", "the_mask_outgrows_its_neighbour_where_the_classifier_doubts"])
-def test_propagation_ends_past_the_organ_though_the_gate_passes_the_slice(make):
+def test_the_walk_ends_past_the_organ_though_the_gate_passes_the_slice(make):
     backend = make()
     out = SliceInferer(backend).predict_volume(_volume(len(backend.organ)), propagate=True)
     masks = out["logits"] > 0
     assert out["present"][20] and out["present"][21]
-    assert not masks[20:].any()
-    assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(len(backend.organ)))
+    assert all(dice_score(masks[i], backend.organ[i]) == 1.0 for i in range(20))
+    # the walk did not take the neighbouring organ on from slice 19's box: past its end the slices
+    # the gate passes are the CAM path's, prompted with their own CAM box (on the distractor), and
+    # left to the level check and the main run
+    cam_box = SliceInferer(backend).prompter.prompts(torch.from_numpy(backend.distractor[None].astype(np.float32)))[0][0]
+    assert torch.equal(torch.from_numpy(out["boxes"][20]), cam_box)
 
 
 def test_without_volume_context_the_gate_and_cam_decide_each_slice():
@@ -153,7 +190,7 @@ class LevelsOfObjectsBackend(ObjectsBackend):
     """ObjectsBackend with the level check on, over slices that show the objects: the organ at
     0.5, the distractor at 0.2 (another organ's intensity), the slice's index in its corner."""
 
-    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=True)
+    cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=True, propagate=False)
 
     def volume(self) -> torch.Tensor:
         x = torch.from_numpy(0.5 * self.organ + 0.2 * self.distractor).float()[:, None]
@@ -173,7 +210,7 @@ def test_the_level_check_asks_again_from_the_neighbour_and_empties_masks_off_the
         assert dice_score(masks[i], backend.organ[i]) == 1.0, i
     assert not masks[20:].any()
     assert out["level_check"] == {"fitted": 0, "found_again": 3, "emptied": 2}
-    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False)
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, one_run=False, propagate=False)
     unchecked = SliceInferer(backend).predict_volume(x)["logits"] > 0
     assert all(dice_score(unchecked[i], backend.distractor) == 1.0 for i in (6, 7, 15, 20, 21))
 
@@ -228,7 +265,7 @@ def test_the_level_check_fits_a_mask_that_reaches_past_the_organ():
     out = SliceInferer(backend).predict_volume(x)
     assert dice_score(out["logits"][8] > 0, backend.organ[8]) == 1.0
     assert out["level_check"] == {"fitted": 1, "found_again": 0, "emptied": 0}
-    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False)
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, level_check=False, propagate=False)
     unchecked = SliceInferer(backend).predict_volume(x)["logits"][8] > 0
     assert dice_score(unchecked, backend.organ[8] | backend.strip) == 1.0
 
@@ -259,7 +296,7 @@ class GateMissBackend(ObjectsBackend):
 def test_predict_keeps_the_slices_volume_context_walks_into_past_a_gate_miss():
     from sammix.inference.predict import predict_axial
 
-    backend = GateMissBackend()
+    backend = GateMissBackend(gate_extra=())
     axial = np.arange(len(backend.organ), dtype=np.float32)[:, None, None] * np.ones((1, S, S), np.float32)
     plain, _ = predict_axial(SliceInferer(backend), axial, None)
     assert not plain[12].any()  # slice by slice, the gate's miss is a hole in the organ
@@ -426,7 +463,7 @@ def test_refine_asks_again_with_the_box_of_the_first_mask_through_the_refining_d
     assert second.tolist() == [[16.0, 16.0, 47.0, 47.0]]  # the first mask's box; the empty answer is not asked again
     assert (out["logits"][0] > 0).sum() == 32 * 32 and not (out["logits"][1] > 0).any()
     assert out["boxes"].tolist() == first.tolist()  # the prompt that was given stays the slice's box
-    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4)
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, propagate=False)
     backend.calls.clear()
     SliceInferer(backend).predict(x, boxes=first)
     assert len(backend.calls) == 1  # off by default: one question
@@ -455,7 +492,7 @@ def test_a_volume_keeps_the_main_run_of_slices_with_a_mask():
     for i in range(len(backend.organ)):
         assert dice_score(masks[i], backend.organ[i]) == 1.0, i
     assert out["level_check"]["emptied"] == 0 and out["one_run"] == {"dropped": 1, "slices_emptied": 2}
-    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, one_run=False)
+    backend.cfg = ModelConfig(cls_threshold=0.5, cam_threshold=0.4, one_run=False, propagate=False)
     apart = SliceInferer(backend).predict_volume(x)
     assert apart["one_run"] is None
     assert all(dice_score(apart["logits"][i] > 0, backend.distractor) == 1.0 for i in (23, 24))

@@ -89,7 +89,7 @@ class GroundTruthBackend:
     batching, slice bookkeeping, resizing back, clean-up and the return to the stored grid."""
 
     size = 256
-    cfg = ModelConfig(level_check=False)  # some tests move the truth off the organ: no level to keep
+    cfg = ModelConfig(level_check=False, propagate=False)  # some tests move the truth off the organ: no level to keep; the CAM path
     # what predict_volume's record reads of an engine
     model = SimpleNamespace(prep=PrepConfig())
     device, precision, backend = torch.device("cpu"), "fp32", "ground truth"

@@ -46,7 +46,7 @@ def _labeled(args) -> int:
 
 def _add_inference_set_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.FIELD=VALUE",
-                   help="an inference setting of the run, e.g. model.propagate=true (volume context); repeatable")
+                   help="an inference setting of the run, e.g. model.propagate=false (no volume context); repeatable")
 
 
 def _prep_config(args) -> PrepConfig:

@@ -60,7 +60,7 @@ class ModelConfig:
     mask_prompt: str = "none"  # CAM as SAM's dense mask prompt too: soft | blob | none (box only; see docs/results.md)
     cls_threshold: float = 0.5  # slices scored below this are organ-free (training sets it on validation)
     prompt: str = "cam"  # cam (SAM-Mix) | full_box (SAM-PP baselines: whole-image box, no gating)
-    propagate: bool = False  # volumes: prompt each slice with its neighbour's mask box (SliceInferer._propagate)
+    propagate: bool = True  # volumes: from the surest slice, each slice prompted with its neighbour's mask box (SliceInferer._propagate)
     prompt_candidates: bool = False  # try every box the CAM could mean, keep SAM's best answer (SliceInferer._choose)
     # the organ's intensity range in the labelled training slices (training sets it, as the thresholds)
     organ_levels: tuple[float, float] | None = None

@@ -259,9 +259,11 @@ class SliceInferer:
         LEVEL_CHECK_MIN_SLICES, the masks' main run of slices alone is kept (`keep_main_run`,
         `ModelConfig.one_run`): only there is the organ known to be one run.
 
-        The gate and CAMs of the whole volume come first. Then either `propagate` (default: the
-        run's `ModelConfig.propagate`; see `_propagate`, which takes `slice_step` too), or SAM with
-        CAM prompts on the present slices; with `slice_step` > 1, in each run of consecutive organ
+        The gate and CAMs of the whole volume come first. Then, on each run of at least
+        LEVEL_CHECK_MIN_SLICES adjacent slices, `propagate` (default: the run's
+        `ModelConfig.propagate`) walks from the surest slice (`_propagate`, which takes
+        `slice_step` too), and the present slices beyond the walk's ends get SAM with CAM prompts,
+        as every present slice does without it; with `slice_step` > 1, in each run of consecutive organ
         slices SAM sees every slice_step-th slice and the last; a slice between two that SAM saw
         gets their mask logits blended linearly in z where the two masks agree (Dice >=
         INTERPOLATE_MIN_DICE), and otherwise SAM sees the middle slice and each half is treated
@@ -284,12 +286,21 @@ class SliceInferer:
         for run in np.split(np.arange(z), np.flatnonzero(np.diff(positions) != 1) + 1):
             a, b = run[0], run[-1] + 1
             part = None if cams is None else cams[a:b]
-            if propagate and part is not None and present[a:b].any():
-                logits[a:b], segmented[a:b] = self._propagate(x[a:b], part, probs[a:b].numpy(), present[a:b],
+            passed = present[a:b].copy()
+            if propagate and part is not None and passed.any() and b - a >= LEVEL_CHECK_MIN_SLICES:
+                logits[a:b], segmented[a:b] = self._propagate(x[a:b], part, probs[a:b].numpy(), passed,
                                                               boxes[a:b], slice_step, progress)
-            else:
-                logits[a:b], segmented[a:b] = self._stepped(x[a:b], part, present[a:b], slice_step, batch_size,
-                                                            boxes[a:b], progress)
+                # beyond the walk's ends the slices the gate passes get their CAM prompts: the walk
+                # also ends where SAM doubts a drifting mask, short of the organ's end, and the level
+                # check and the main run judge those masks as they judge any CAM mask
+                walked = np.flatnonzero((logits[a:b] > 0).flatten(1).any(1).numpy())
+                if len(walked):
+                    passed[walked[0]:walked[-1] + 1] = False
+            if passed.any():
+                cam, seen = self._stepped(x[a:b], part, passed, slice_step, batch_size, boxes[a:b], progress)
+                rows = torch.from_numpy(passed)  # CAM masks fall only on the slices the gate passed
+                logits[a:b][rows] = cam[rows]
+                segmented[a:b] |= seen
         checked = apart = None
         if self.cfg.level_check and cams is not None:
             checked = self._check_levels(x, cams, probs.numpy(), logits, boxes)
@@ -410,8 +421,8 @@ class SliceInferer:
         The seed is the present slice with the highest organ probability in the longest run of
         present slices, segmented as `segment` does it (its CAM prompt, or prompt candidates).
         Each neighbour is then prompted with the box of the mask next to it (`_follow`). The walk
-        stops at the organ's end (`_follow` returns None), and slices beyond the ends are
-        organ-free.
+        stops where `_follow` sees the organ end, and the slices beyond are left empty here (for
+        `predict_volume`'s CAM path).
 
         With `slice_step` N > 1 the walk jumps N slices at a time, prompted with the box grown N
         times as much; where the mask it finds agrees with the one it jumped from (Dice >=
