@@ -9,7 +9,7 @@ import torch
 
 from sammix.config import ModelConfig
 from sammix.masks import dice_score
-from sammix.models.inferer import SliceInferer, keep_main_run
+from sammix.models.inferer import LEVEL_CHECK_TOLERANCE, SliceInferer, keep_main_run, organ_level
 
 S = 64
 
@@ -226,6 +226,17 @@ def test_the_level_check_sees_a_sampled_scan_whole(propagate):
     for j, i in enumerate(positions):
         assert dice_score(masks[j], backend.organ[i]) == 1.0, i
     assert out["level_check"] == {"fitted": 0, "found_again": 1, "emptied": 0}
+
+
+def test_the_organ_level_is_the_largest_group_of_mask_levels_not_their_median():
+    # the surest slices' masks: 10 on the organ (about 0.46), 9 on bone (about 0.97), 3 in between;
+    # their median (0.60) is near none of them and would call every mask off the organ
+    organ = np.linspace(0.43, 0.49, 10)
+    levels = np.concatenate([organ, [0.55, 0.65, 0.70], np.linspace(0.95, 1.0, 9)])
+    assert np.abs(np.median(levels) - levels).min() > 0.04
+    assert abs(organ_level(levels) - np.median(organ)) <= 0.01
+    assert (np.abs(organ - organ_level(levels)) <= LEVEL_CHECK_TOLERANCE).all()
+    assert organ_level(np.array([0.3])) == 0.3
 
 
 class LeakingBackend(LevelsOfObjectsBackend):

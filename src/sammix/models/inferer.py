@@ -91,6 +91,15 @@ def _at_level(image: torch.Tensor, found: torch.Tensor, organ: float) -> bool:
     return bool(found.any()) and abs(float(image[found].median()) - organ) <= LEVEL_CHECK_TOLERANCE
 
 
+def organ_level(levels: np.ndarray) -> float:
+    """The organ's level from the median intensities of the masks of a volume's surest slices: the
+    median of the largest group of them within LEVEL_CHECK_TOLERANCE of one of them. Their plain
+    median is no level at all where the masks fall into two groups (the organ in some slices, bone
+    or contrast in others) and would call every mask off the organ."""
+    near = np.abs(levels[:, None] - levels[None, :]) <= LEVEL_CHECK_TOLERANCE
+    return float(np.median(levels[near[int(np.argmax(near.sum(1)))]]))
+
+
 def keep_main_run(logits: torch.Tensor) -> dict:
     """The organ spans one run of slices: of the masks of a volume's slices (logits (Z,S,S), in
     place) only the run of slices with a mask that holds most mask pixels is kept, its runs
@@ -315,8 +324,8 @@ class SliceInferer:
         """The level check of a volume's masks, in place: within one scan the organ has one
         intensity, and a mask on the kidney, the bowel, bone or fat has another.
 
-        The organ's level is the median, over the slices with a mask whose organ probability is
-        at least the median of theirs, of each mask's median intensity. A mask within
+        The organ's level (`organ_level`) is read from each mask's median intensity, over the
+        slices with a mask whose organ probability is at least the median of theirs. A mask within
         LEVEL_CHECK_TOLERANCE of it is on the organ, and is fitted to it (`_fit_to_level`). A mask
         further away is off the organ: next to a slice whose mask is on it, SAM is asked again
         with that neighbour's mask box at LEVEL_CHECK_SIZES, and its best-scored answer at the
@@ -335,7 +344,7 @@ class SliceInferer:
         for i in np.flatnonzero(has):
             level[i] = float(x[i, 0][masks[i]].median())
         core = has & (probs >= np.median(probs[has]))
-        organ = float(np.median(level[core]))
+        organ = organ_level(level[core])
         on = has & (np.abs(level - organ) <= LEVEL_CHECK_TOLERANCE)
         off = set(np.flatnonzero(has & ~on).tolist())
         counts = {"fitted": self._fit_to_level(x, cams, logits, boxes, np.flatnonzero(on), organ),
