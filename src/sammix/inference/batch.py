@@ -166,15 +166,15 @@ def scans(jobs: list[Job]) -> list[list[Job]]:
     its images go alone."""
     groups: dict = {}
     for job in jobs:
-        key = job.scan[:2] if job.error is None and job.scan is not None else id(job)
-        groups.setdefault(key, []).append(job)
+        scan = job.scan if job.error is None else None  # resolved once: a path lookup each time
+        groups.setdefault(id(job) if scan is None else scan[:2], []).append((scan, job))
     result = []
     for group in groups.values():
-        slices = [job.scan[2] for job in group] if len(group) > 1 else []
+        slices = [scan[2] for scan, _ in group] if len(group) > 1 else []
         if len(set(slices)) < len(slices):
-            result += [[job] for job in group]
+            result += [[job] for _, job in group]
         else:
-            result.append(sorted(group, key=lambda job: job.scan[2]) if slices else group)
+            result.append([job for _, job in (sorted(group, key=lambda pair: pair[0][2]) if slices else group)])
     return result
 
 

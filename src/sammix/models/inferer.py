@@ -91,6 +91,11 @@ def _at_level(image: torch.Tensor, found: torch.Tensor, organ: float) -> bool:
     return bool(found.any()) and abs(float(image[found].median()) - organ) <= LEVEL_CHECK_TOLERANCE
 
 
+def with_mask(logits: torch.Tensor) -> np.ndarray:
+    """Which slices of mask logits (Z,S,S) hold a mask: (Z,) bool."""
+    return (logits > 0).flatten(1).any(1).numpy()
+
+
 def organ_level(levels: np.ndarray) -> float:
     """The organ's level from the median intensities of the masks of a volume's surest slices: the
     median of the largest group of them within LEVEL_CHECK_TOLERANCE of one of them. Their plain
@@ -107,7 +112,7 @@ def keep_main_run(logits: torch.Tensor) -> dict:
     below or above the organ, on the kidney or the colon at the organ's intensity, goes. (Keeping
     the largest 3D piece instead also cut the organ where a scan's crop or a few bad slices split
     it: docs/results.md.) Returns how many runs were dropped and how many slices they emptied."""
-    has = (logits > 0).flatten(1).any(1).numpy()
+    has = with_mask(logits)
     at = np.flatnonzero(has)
     runs = np.split(at, np.flatnonzero(np.diff(at) > ONE_RUN_GAP + 1) + 1) if len(at) else []
     if len(runs) < 2:
@@ -302,7 +307,7 @@ class SliceInferer:
                 # beyond the walk's ends the slices the gate passes get their CAM prompts: the walk
                 # also ends where SAM doubts a drifting mask, short of the organ's end, and the level
                 # check and the main run judge those masks as they judge any CAM mask
-                walked = np.flatnonzero((logits[a:b] > 0).flatten(1).any(1).numpy())
+                walked = np.flatnonzero(with_mask(logits[a:b]))
                 if len(walked):
                     passed[walked[0]:walked[-1] + 1] = False
             if passed.any():
