@@ -12,7 +12,7 @@ import torch
 from sammix.config import TrainConfig
 from sammix.errors import SammixError
 from sammix.masks import box_iou, mask_to_box
-from sammix.training.augment import augment, random_intensity, random_resolution
+from sammix.training.augment import augment, random_intensity, random_resolution, random_window
 from sammix.training.train import SamLoss, jittered_truth_boxes
 
 S = 32
@@ -107,6 +107,29 @@ def test_resolution_jitter_blurs_by_up_to_its_factor_and_is_off_at_one():
     assert coarse.shape == x.shape
     assert torch.allclose(coarse.mean(), x.mean(), atol=0.05)  # the same image, its detail gone
     assert (coarse[..., 1:] - coarse[..., :-1]).abs().mean() < 0.5 * (x[..., 1:] - x[..., :-1]).abs().mean()
+
+
+def test_another_window_turns_clipped_fat_grey_inside_the_body_and_keeps_air_black():
+    # lits-slices' convention, HU clipped to [0, 255]: a body of liver (100 HU) ringed by fat
+    # (clipped to 0) inside skin (50 HU), in air
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    hu = np.where(r < 14, 100.0, np.where(r < 20, 0.0, np.where(r < 22, 50.0, 0.0)))
+    x = torch.from_numpy(hu / 255.0).float().view(1, 1, 64, 64).repeat(2, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(random_window(x, gen, 0.0), x)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    out = random_window(x, gen, 1.0, None, levels=(40.0, 40.0), widths=(400.0, 400.0))  # exported at 40 / 400
+    low = 40.0 - 200.0
+    assert torch.allclose(out[0, 0, 32, 32], torch.tensor((100.0 - low) / 400))  # the liver
+    assert torch.allclose(out[0, 0, 32, 32 + 17], torch.tensor((-100.0 - low) / 400))  # fat, grey now
+    assert out[0, 0, 0, 0] == 0  # air outside the body stays black
+    # a slice already prepared at 40 / 400 kept its fat: its zeros are gas, black in any window
+    same = random_window(out, gen, 1.0, (40.0, 400.0), levels=(40.0, 40.0), widths=(400.0, 400.0))
+    assert torch.allclose(same, out, atol=1e-6)
+    plain, windowed = (augment(x, None, torch.Generator().manual_seed(0),
+                               TrainConfig(intensity_augment=0.0, window_augment=w))[0] for w in (0.0, 1.0))
+    assert (plain - windowed).abs().mean() > 0.05  # TrainConfig.window_augment reaches the training slices
 
 
 def test_the_classifier_can_keep_its_own_augmentation_strengths():

@@ -113,6 +113,9 @@ class TrainConfig:
     # the classifier's own strengths of the two above; None: the same as SAM's
     cls_intensity_augment: float | None = None
     cls_resolution_augment: float | None = None
+    # share of slices seen as another HU window shows them (training/augment.random_window; 0: none):
+    # built for 8-bit slices exported at another window (docs/results.md), not yet measured
+    window_augment: float = 0.0
     # self-training (training/pseudo.py): after the supervised epochs, each round labels the training
     # slices without a mask and --unlabeled-data, keeps the answers the checks vouch for, and trains
     # SAM on them and the labelled slices for self_train_epochs more epochs

@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+
+from sammix.data.preprocess import RAW_8BIT_WINDOW
+
+# Another window's view of a slice: the HU that a window starting above them clips to 0 come back
+# as fat inside the body and air outside it (fat and gas are both 0 in lits-slices: gas is taken
+# for fat, the price of the clipped data)
+FAT_HU, AIR_HU = -100.0, -1000.0
+WINDOW_LEVELS = (30.0, 130.0)  # HU: abdomen (40 / 400), liver (60 / 160) and lits-slices' (127.5 / 255)
+WINDOW_WIDTHS = (150.0, 450.0)
 
 
 def random_affine(x: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator,
@@ -55,13 +66,44 @@ def random_resolution(x: torch.Tensor, generator: torch.Generator, max_factor: f
     return out
 
 
-def augment(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, t, classifier: bool = False):
-    """The training augmentation of TrainConfig `t`: the affine (image and mask), then intensity and
+def random_window(x: torch.Tensor, generator: torch.Generator, share: float, window=None,
+                  levels=WINDOW_LEVELS, widths=WINDOW_WIDTHS) -> torch.Tensor:
+    """A `share` of slices (B,1,S,S), prepared at the HU `window` (level, width; None: lits-slices'
+    [0, 255]), as a window drawn from `levels` x `widths` shows them: an 8-bit slice exported at
+    40 / 400 has grey fat and 0.64 times the contrast of lits-slices'. 0: none (and no random
+    numbers drawn)."""
+    if share <= 0:
+        return x
+    u = torch.rand(len(x), 3, generator=generator)
+    chosen = (u[:, 0] < share).nonzero().flatten()
+    if not len(chosen):
+        return x
+    level, width = window or RAW_8BIT_WINDOW
+    low = level - width / 2
+    y = x[chosen].float()
+    hu = low + y * width
+    if low > FAT_HU:  # the window clipped fat to 0 with the air: inside the body it was fat
+        body = np.stack([ndimage.binary_fill_holes(image[0] > 0) for image in y.cpu().numpy()])
+        below = torch.where(torch.from_numpy(body).to(x.device)[:, None], FAT_HU, AIR_HU).to(hu)
+        hu = torch.where(y <= 0, below, hu)
+    u = u[chosen].to(x.device)
+    new_level = (levels[0] + u[:, 1] * (levels[1] - levels[0])).view(-1, 1, 1, 1)
+    new_width = (widths[0] + u[:, 2] * (widths[1] - widths[0])).view(-1, 1, 1, 1)
+    out = x.clone()
+    out[chosen] = ((hu - (new_level - new_width / 2)) / new_width).clamp(0, 1).to(x.dtype)
+    return out
+
+
+def augment(x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, t, classifier: bool = False,
+            window=None):
+    """The training augmentation of TrainConfig `t` for slices prepared at the HU `window`: the
+    affine (image and mask), then another window's view (`random_window`), intensity and
     resolution jitter of the image at `t`'s strengths, SAM's or, with `classifier`, the classifier's."""
     intensity, resolution = t.intensity_augment, t.resolution_augment
     if classifier:
         intensity = intensity if t.cls_intensity_augment is None else t.cls_intensity_augment
         resolution = resolution if t.cls_resolution_augment is None else t.cls_resolution_augment
     x, masks = random_affine(x, masks, generator)
+    x = random_window(x, generator, t.window_augment, window)
     x = random_intensity(x, generator, intensity)
     return random_resolution(x, generator, resolution), masks

@@ -335,7 +335,7 @@ class Trainer(EpochTrainer):
                                            for s in samples])).float().unsqueeze(1).to(self.device)
             known = torch.tensor([s[1] is not None for s in samples], device=self.device)
             y = torch.tensor([s[2] for s in samples], device=self.device)
-            x, m = augment(x, m, self.gen, t, classifier=True)
+            x, m = augment(x, m, self.gen, t, classifier=True, window=self.cfg.prep.window)
             x, m, known, y = (distributed.share(v, self.rank, self.world) for v in (x, m, known, y))
             with self._autocast():
                 z = self.cls_step(x).float()
@@ -360,7 +360,7 @@ class Trainer(EpochTrainer):
         for idx in _batches(order, t.batch_size * self.world):  # a global batch; each rank trains its share
             x = _to_tensor(self.sam_images[idx], self.device)
             m = torch.from_numpy(self.sam_masks[idx]).float().unsqueeze(1).to(self.device)
-            x, m = augment(x, m, self.gen, t)
+            x, m = augment(x, m, self.gen, t, window=self.cfg.prep.window)
             # the classifier prompts SAM as it will at inference: in eval mode (its BatchNorm statistics
             # are neither taken from nor moved by these 4-slice batches)
             self.model.classifier.eval()
