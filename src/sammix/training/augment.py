@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from sammix.data.preprocess import RAW_8BIT_WINDOW
+from sammix.data.preprocess import RAW_8BIT_WINDOW, window as to_window
 
 # Another window's view of a slice: the HU that a window starting above them clips to 0 come back
 # as fat inside the body and air outside it (fat and gas are both 0 in lits-slices: gas is taken
@@ -75,22 +75,18 @@ def random_window(x: torch.Tensor, generator: torch.Generator, share: float, win
     if share <= 0:
         return x
     u = torch.rand(len(x), 3, generator=generator)
-    chosen = (u[:, 0] < share).nonzero().flatten()
-    if not len(chosen):
-        return x
     level, width = window or RAW_8BIT_WINDOW
     low = level - width / 2
-    y = x[chosen].float()
-    hu = low + y * width
-    if low > FAT_HU:  # the window clipped fat to 0 with the air: inside the body it was fat
-        body = np.stack([ndimage.binary_fill_holes(image[0] > 0) for image in y.cpu().numpy()])
-        below = torch.where(torch.from_numpy(body).to(x.device)[:, None], FAT_HU, AIR_HU).to(hu)
-        hu = torch.where(y <= 0, below, hu)
-    u = u[chosen].to(x.device)
-    new_level = (levels[0] + u[:, 1] * (levels[1] - levels[0])).view(-1, 1, 1, 1)
-    new_width = (widths[0] + u[:, 2] * (widths[1] - widths[0])).view(-1, 1, 1, 1)
     out = x.clone()
-    out[chosen] = ((hu - (new_level - new_width / 2)) / new_width).clamp(0, 1).to(x.dtype)
+    for i in (u[:, 0] < share).nonzero().flatten().tolist():
+        y = x[i, 0].float().cpu().numpy()
+        hu = low + y * width
+        if low > FAT_HU:  # the window clipped fat to 0 with the air: inside the body it was fat
+            below = y <= 0
+            hu[below] = np.where(ndimage.binary_fill_holes(y > 0), FAT_HU, AIR_HU)[below]
+        new_level = levels[0] + float(u[i, 1]) * (levels[1] - levels[0])
+        new_width = widths[0] + float(u[i, 2]) * (widths[1] - widths[0])
+        out[i, 0] = torch.from_numpy(to_window(hu, new_level, new_width)).to(out)
     return out
 
 
